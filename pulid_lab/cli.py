@@ -1,0 +1,68 @@
+"""The `pulid-lab` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _world(args):
+    from . import plots
+    plots.world_grid(seed=args.seed, out=args.out)
+    print(f"wrote {args.out}")
+
+
+def _pretrain(args):
+    from .config import pretrain_config
+    from .pretrain import pretrain
+    cfg = pretrain_config(args.profile)
+    out = Path(args.out)
+    t0 = time.time()
+    report = pretrain(cfg, out, device=args.device, resume=args.resume, only=args.only)
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(report, indent=2))
+    print(f"models written to {out} (profile {cfg.profile}, {report['wall_seconds']} s)")
+
+
+def _check_models(args):
+    from .check_models import check_models
+    report = check_models(args.models, variants=args.variants, n_pairs=args.pairs, progress=not args.json)
+    print(json.dumps(report, indent=2 if not args.json else None))
+    if args.strict and not all(report["passed"].values()):
+        sys.exit(1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="pulid-lab", description="PuLID workbench: the ToyFaces world, mini models, training and evaluation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("world", help="draw the ToyFaces world: rows = identities, columns = attribute changes")
+    w.add_argument("--out", default="figures/toyfaces.png")
+    w.add_argument("--seed", type=int, default=0)
+    w.set_defaults(func=_world)
+
+    t = sub.add_parser("pretrain", help="train the mini world's foundation models")
+    t.add_argument("--profile", choices=["smoke", "quick", "paper"], default=None,
+                   help="budget (default: smoke when CI is set, else paper)")
+    t.add_argument("--out", required=True, help="folder for safetensors + manifest.json")
+    t.add_argument("--resume", action="store_true", help="keep networks already finished in --out")
+    t.add_argument("--only", nargs="+", default=None, help="train only these networks (e.g. phi_eval probe)")
+    t.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    t.set_defaults(func=_pretrain)
+
+    c = sub.add_parser("check-models", help="re-measure the models on fresh held-out renders")
+    c.add_argument("--models", default=None, help="models folder (default: the shipped ones)")
+    c.add_argument("--variants", type=int, default=8, help="renders per held-out identity")
+    c.add_argument("--pairs", type=int, default=4000, help="verification pairs per recognizer")
+    c.add_argument("--json", action="store_true", help="print one JSON object only")
+    c.add_argument("--strict", action="store_true", help="exit 1 when a threshold is missed")
+    c.set_defaults(func=_check_models)
+
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Configuration as plain dataclasses; the profiles (smoke / quick / paper) are data (DESIGN.md §Profiles)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+PROFILE_NAMES = ("smoke", "quick", "paper")
+
+
+@dataclass
+class NetTraining:
+    """One network of the mini world: its architecture and its training budget."""
+    kind: str  # recognizer | detector | probe | image_encoder (nets.KINDS)
+    arch: str = "plain"
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    dim: int | None = None  # embedding / feature width where the kind has one
+    seed: int = 0
+    steps: int = 1000
+    batch: int = 128
+    lr: float = 2e-3
+    margin: float = 0.5  # ArcFace additive angular margin (recognizers, image encoder's identity head)
+
+    def model_config(self) -> dict:
+        cfg = {"widths": list(self.widths), "arch": self.arch}
+        if self.dim is not None:
+            cfg["dim"] = self.dim
+        return cfg
+
+
+@dataclass
+class PretrainConfig:
+    """The foundation models (recognizers, detector, probe, image encoder) and the data they learn from."""
+    profile: str
+    train_variants: int  # renders per train identity in the training bank
+    nets: dict[str, NetTraining] = field(default_factory=dict)
+
+
+def _foundation(variants: int, scale: float, profile: str) -> PretrainConfig:
+    """The same recipe at every profile; only budgets differ (``scale`` multiplies the step counts)."""
+    def steps(n):
+        return max(2, int(n * scale))
+    return PretrainConfig(profile, variants, {
+        "detector": NetTraining("detector", "plain", (16, 32, 64, 128), seed=11, steps=steps(1500), lr=2e-3),
+        "phi_cond": NetTraining("recognizer", "plain", (32, 64, 128, 256), dim=512, seed=1, steps=steps(2000)),
+        "phi_loss": NetTraining("recognizer", "resnet", (32, 64, 128, 192), dim=128, seed=2, steps=steps(2000)),
+        "phi_eval": NetTraining("recognizer", "plain", (32, 64, 128, 256), dim=128, seed=3, steps=steps(2000)),
+        "probe": NetTraining("probe", "resnet", (32, 64, 128, 192), dim=256, seed=4, steps=steps(2500)),
+        "image_encoder": NetTraining("image_encoder", "resnet", (32, 64, 128, 256), dim=256, seed=5, steps=steps(1500)),
+    })
+
+
+PRETRAIN_PROFILES = {
+    "smoke": _foundation(variants=2, scale=0.004, profile="smoke"),
+    "quick": _foundation(variants=8, scale=0.25, profile="quick"),
+    "paper": _foundation(variants=24, scale=1.0, profile="paper"),
+}
+
+
+def resolve_profile(profile: str | None) -> str:
+    """``profile`` if given; else ``smoke`` when the environment variable CI is set, else ``paper``."""
+    if profile is None:
+        profile = "smoke" if os.environ.get("CI") else "paper"
+    if profile not in PROFILE_NAMES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
+    return profile
+
+
+def pretrain_config(profile: str | None = None, **overrides) -> PretrainConfig:
+    return replace(PRETRAIN_PROFILES[resolve_profile(profile)], **overrides)

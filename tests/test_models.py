@@ -1,0 +1,98 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pulid_lab import checkpoints, nets, world
+from pulid_lab.check_models import THRESHOLDS, check_models
+from pulid_lab.config import pretrain_config
+from pulid_lab.data import as_image_batch
+from pulid_lab.identity import (FaceAnalysis, crops_for_insightface, export_recognizer_onnx,
+                                load_insightface_recognizer)
+from pulid_lab.pretrain import pretrain
+
+
+def test_arcface_margin_matches_hand_formula():
+    torch.manual_seed(0)
+    head = nets.ArcFaceHead(4, 3, scale=10.0)
+    emb = torch.randn(2, 4)
+    target = torch.tensor([1, 2])
+    logits = head(emb, target, margin=0.3)
+    cos = torch.nn.functional.normalize(emb) @ torch.nn.functional.normalize(head.weight).T
+    for r, t in enumerate(target):
+        for c in range(3):
+            theta = math.acos(cos[r, c].item())
+            want = 10 * (math.cos(theta + 0.3) if c == t else cos[r, c].item())
+            assert logits[r, c].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_onnx_export_loads_through_insightface_and_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    rec = nets.FaceRecognizer((8, 16, 16, 32), "plain", dim=64).eval()
+    path = export_recognizer_onnx(rec, tmp_path / "rec.onnx")
+    model = load_insightface_recognizer(path)
+    assert type(model).__name__ == "ArcFaceONNX"
+    assert model.input_mean == 127.5 and model.input_size == (112, 112)
+    r = world.render([0, 1, 2], world.sample_attributes(np.random.default_rng(0), 3), [0, 1, 2])
+    crops = crops_for_insightface(r.images, r.boxes)
+    onnx_emb = model.get_feat(crops)
+    rgb = torch.from_numpy(np.stack([c[:, :, ::-1] for c in crops]).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        torch_emb = rec(rgb).numpy()
+    cos = (onnx_emb * torch_emb).sum(1) / np.linalg.norm(onnx_emb, axis=1) / np.linalg.norm(torch_emb, axis=1)
+    assert cos.min() > 0.9999
+
+
+def test_checkpoint_round_trip_and_corruption_errors(tmp_path):
+    model = nets.FaceDetector((4, 8, 8, 8))
+    checkpoints.save_model(tmp_path, "detector", "detector", {"widths": [4, 8, 8, 8]}, model, profile="smoke", seed=0)
+    loaded = checkpoints.load_model("detector", tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), model.eval()(x))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["models"]["detector"]["sha256"]) == 64
+    with open(tmp_path / "detector.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted.*pulid-lab pretrain --profile smoke"):
+        checkpoints.load_model("detector", tmp_path)
+    (tmp_path / "detector.safetensors").unlink()
+    with pytest.raises(checkpoints.CheckpointError, match="missing checkpoint file"):
+        checkpoints.load_model("detector", tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="no model 'probe'"):
+        checkpoints.load_model("probe", tmp_path)
+
+
+def test_smoke_pretrain_writes_every_model_and_resumes(tmp_path):
+    cfg = pretrain_config("smoke")
+    report = pretrain(cfg, tmp_path, progress=False)
+    assert set(report) == set(cfg.nets)
+    manifest = checkpoints.read_manifest(tmp_path)
+    assert set(manifest["models"]) == set(cfg.nets) and "phi_cond_onnx" in manifest["files"]
+    before = (tmp_path / "probe.safetensors").read_bytes()
+    pretrain(cfg, tmp_path, resume=True, progress=False)  # nothing to redo
+    assert (tmp_path / "probe.safetensors").read_bytes() == before
+    out = check_models(tmp_path, variants=2, n_pairs=200, n_ids=20)
+    for key in ("probe_accuracy", "phi_cond_verification", "phi_loss_verification", "phi_eval_verification",
+                "phi_cond_onnx_vs_torch"):
+        assert key in out
+    assert out["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
+
+
+def test_face_analysis_rejects_bad_references():
+    analysis = FaceAnalysis()
+    with pytest.raises(ValueError, match="32x32"):
+        analysis.embed(np.zeros((3, 64, 64, 3), np.uint8))
+    emb = analysis.embed(world.render([0], world.sample_attributes(np.random.default_rng(0), 1), [0]).images)
+    assert emb.shape == (1, 512)
+
+
+def test_shipped_models_meet_the_thresholds_on_a_small_sample():
+    out = check_models(variants=3, n_pairs=1500, n_ids=120)
+    assert out["profile"] == "paper"
+    assert min(out["probe_accuracy"].values()) >= THRESHOLDS["probe_accuracy"], out["probe_accuracy"]
+    for name in ("phi_cond", "phi_loss", "phi_eval"):
+        assert out[f"{name}_verification"] >= THRESHOLDS["verification"], (name, out)
+    assert out["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
