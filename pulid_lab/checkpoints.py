@@ -67,7 +67,9 @@ def save_model(folder: Path, name: str, kind: str, config: dict, model: torch.nn
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{name}.safetensors"
     tmp = folder / f".{name}.safetensors.tmp"
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # floating tensors are stored as fp16 (half the size in the repository); loading casts back to fp32
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu()
+             for k, v in model.state_dict().items()}
     save_file(state, str(tmp))
     os.replace(tmp, file)
     manifest = read_manifest(folder)
@@ -126,5 +128,5 @@ def load_model(name: str, folder: Path | None = None, device="cpu") -> torch.nn.
         raise CheckpointError(f"checkpoint {file} is corrupted (sha256 {digest[:12]}… != manifest "
                               f"{entry['sha256'][:12]}…); " + rebuild_hint(folder))
     model = nets.build(entry["kind"], entry["config"])
-    model.load_state_dict(load_file(str(file)))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()})
     return model.to(device).eval()

@@ -25,6 +25,12 @@ def _conv_bn(cin, cout, stride=1):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def _spatial_head(cin, dim, squeeze=64):
+    """4x4 map -> vector, keeping where things are (eye spacing is spatial): 1x1 squeeze, flatten, linear."""
+    return nn.Sequential(nn.Conv2d(cin, squeeze, 1, bias=False), nn.BatchNorm2d(squeeze), nn.ReLU(inplace=True),
+                         nn.Flatten(), nn.Linear(squeeze * 16, dim))
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -76,8 +82,7 @@ class FaceRecognizer(nn.Module):
     def __init__(self, widths=(32, 64, 128, 256), arch="plain", dim=128):
         super().__init__()
         self.backbone = Backbone(widths, arch)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1),
-                                  nn.Linear(self.backbone.out_dim * 16, dim, bias=False), nn.BatchNorm1d(dim))
+        self.head = nn.Sequential(_spatial_head(self.backbone.out_dim, dim), nn.BatchNorm1d(dim))
         self.dim = dim
 
     def forward(self, crops):
@@ -122,7 +127,7 @@ class AttributeProbe(nn.Module):
     def __init__(self, widths=(32, 64, 128, 192), arch="resnet", dim=256):
         super().__init__()
         self.backbone = Backbone(widths, arch)
-        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(self.backbone.out_dim * 16, dim), nn.ReLU())
+        self.neck = nn.Sequential(_spatial_head(self.backbone.out_dim, dim), nn.ReLU())
         self.heads = nn.ModuleDict({a: nn.Linear(dim, len(v)) for a, v in ATTRIBUTES.items()})
 
     def features(self, images):
@@ -139,7 +144,7 @@ class ImageFeatureEncoder(nn.Module):
     def __init__(self, widths=(32, 64, 128, 256), arch="resnet", dim=256):
         super().__init__()
         self.backbone = Backbone(widths, arch)
-        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(self.backbone.out_dim * 16, dim))
+        self.neck = _spatial_head(self.backbone.out_dim, dim)
         self.heads = nn.ModuleDict({a: nn.Linear(dim, len(v)) for a, v in ATTRIBUTES.items()})
         self.widths = tuple(widths)
         self.dim = dim

@@ -65,5 +65,5 @@ def world_grid(ids=None, seed: int = 0, out=None):
     for i in ids:
         r = world.render(np.full(len(looks), i), labels, seed + np.arange(len(looks)))
         rows.append(r.images)
-    names = [f"id {i}" + (" (held-out)" if i >= world.N_TRAIN else "") for i in ids]
+    names = [("held-out " if i >= world.N_TRAIN else "train ") + str(i) for i in ids]
     return image_grid(np.stack(rows), names, [t for t, _ in WORLD_COLUMNS], out=out)

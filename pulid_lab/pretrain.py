@@ -128,8 +128,9 @@ def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, 
                                    seed=spec.seed, metrics=stats)
             report[name] = stats
         if name == "phi_cond" and (model is not None or "phi_cond_onnx" not in manifest.get("files", {})):
-            # the ID condition goes through insightface, as antelopev2's recognizer does
-            model = model if model is not None else checkpoints.load_model(name, out)
+            # the ID condition goes through insightface, as antelopev2's recognizer does; exported from the
+            # stored (fp16-rounded) weights, so that the ONNX and torch paths hold the same numbers
+            model = checkpoints.load_model(name, out)
             onnx = export_recognizer_onnx(model, out / "phi_cond.onnx")
             checkpoints.record_file(out, "phi_cond_onnx", "onnx", onnx, source="phi_cond")
     return report

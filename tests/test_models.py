@@ -50,7 +50,7 @@ def test_checkpoint_round_trip_and_corruption_errors(tmp_path):
     checkpoints.save_model(tmp_path, "detector", "detector", {"widths": [4, 8, 8, 8]}, model, profile="smoke", seed=0)
     loaded = checkpoints.load_model("detector", tmp_path)
     x = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(loaded(x), model.eval()(x))
+    assert torch.allclose(loaded(x), model.eval()(x), atol=1e-2, rtol=1e-2)  # stored as fp16
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(manifest["models"]["detector"]["sha256"]) == 64
     with open(tmp_path / "detector.safetensors", "r+b") as f:

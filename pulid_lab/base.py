@@ -1,0 +1,112 @@
+"""The original model: tokenizer + text encoder + a pixel-space diffusers UNet2DConditionModel (DESIGN.md §Models).
+
+This is the model PuLID must not disturb. Text cross-attention lives at 16x16 and 8x8 (cross-attention only,
+no self-attention: the costs in DESIGN.md), so attention maps exist at two scales.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import UNet2DConditionModel
+
+from . import text
+from .sampling import ModelFn, lightning_sample, sample
+
+UNCONDITIONAL = ""  # the empty caption (<bos><eos>) is the unconditional prompt for classifier-free guidance
+
+
+@dataclass
+class BaseModelConfig:
+    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    norm_num_groups: int = 16
+    only_cross_attention: bool = True
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+
+    def unet_kwargs(self) -> dict:
+        return dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=tuple(self.block_out_channels),
+                    down_block_types=tuple(self.down_block_types), up_block_types=tuple(self.up_block_types),
+                    mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=self.layers_per_block,
+                    attention_head_dim=self.attention_head_dim, norm_num_groups=self.norm_num_groups,
+                    cross_attention_dim=self.text_hidden, only_cross_attention=self.only_cross_attention,
+                    mid_block_only_cross_attention=self.only_cross_attention)
+
+
+class OriginalModel(nn.Module):
+    """Text-to-image: ``encode(captions)`` -> text tokens (B, 32, D); ``predict(x_t, t, tokens)`` -> v."""
+
+    def __init__(self, cfg: BaseModelConfig | None = None, tokenizer=None, text_encoder=None, unet=None):
+        super().__init__()
+        self.cfg = cfg or BaseModelConfig()
+        self.tokenizer = tokenizer or text.build_tokenizer()
+        self.text_encoder = text_encoder or text.build_text_encoder(self.cfg.text_hidden, self.cfg.text_layers, self.cfg.text_heads)
+        self.unet = unet or UNet2DConditionModel(**self.cfg.unet_kwargs())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        ids = text.tokenize(self.tokenizer, list(captions), self.device)
+        return self.text_encoder(ids).last_hidden_state  # (B, 32, text_hidden)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=tokens).sample
+
+    def model_fn(self, captions: list[str], guidance: float = 1.0) -> ModelFn:
+        """A sampler callable for these captions, with classifier-free guidance when ``guidance != 1``."""
+        cond = self.encode(captions)
+        if guidance == 1.0:
+            return lambda x, t, step: self.predict(x, t, cond)
+        uncond = self.encode([UNCONDITIONAL] * len(captions))
+
+        def guided(x, t, step):
+            v_u, v_c = self.predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+            return v_u + guidance * (v_c - v_u)  # CFG: v = v_u + w (v_c - v_u)
+        return guided
+
+    @torch.no_grad()
+    def generate(self, captions: list[str], seed: int | list[int] = 0, steps: int = 25, solver: str = "dpm++",
+                 guidance: float = 1.0) -> torch.Tensor:
+        """Images (B, 3, 32, 32) in [-1, 1]; ``steps == 4`` with ``solver='lightning'`` is the Lightning sampler."""
+        x_T = initial_noise(len(captions), seed, self.device)
+        fn = self.model_fn(captions, guidance)
+        if solver == "lightning":
+            return lightning_sample(fn, x_T, steps).clamp(-1, 1)
+        return sample(fn, x_T, steps, solver).clamp(-1, 1)
+
+    def save(self, folder: Path) -> list[Path]:
+        """save_pretrained of tokenizer, text encoder and UNet into ``folder``; returns the files written."""
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.unet.save_pretrained(folder / "unet")
+        return sorted(p for sub in ("tokenizer", "text_encoder", "unet") for p in (folder / sub).iterdir() if p.is_file())
+
+    @classmethod
+    def load(cls, folder: Path, cfg: BaseModelConfig | None = None) -> "OriginalModel":
+        folder = Path(folder)
+        tokenizer, text_encoder = text.load_text(folder)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        return cls(cfg, tokenizer, text_encoder, unet).eval()
+
+
+def initial_noise(n: int, seed: int | list[int], device=None) -> torch.Tensor:
+    """x_T (n, 3, 32, 32): one generator per image, so image i depends only on its own seed."""
+    seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} images")
+    x = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return x.to(device) if device is not None else x
+
+
+def base_config_dict(cfg: BaseModelConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}

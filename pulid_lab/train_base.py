@@ -1,0 +1,126 @@
+"""Training the original model: text encoder + UNet jointly, v-prediction diffusion loss, EMA weights.
+
+Batches are a pure function of (seed, step), and the full training state (weights, EMA, optimiser, step) is
+saved every ``checkpoint_every`` steps, so an interrupted run resumes with ``resume=True`` and reaches the same
+weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import vocab
+from .base import UNCONDITIONAL, BaseModelConfig, OriginalModel
+from .data import Bank, to_tensor
+from .device import autocast, default_device
+from .sampling import diffusion_targets, training_scheduler
+
+
+@dataclass
+class BaseTraining:
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    steps: int = 20000
+    batch: int = 32
+    lr: float = 4e-4
+    attribute_dropout: float = 0.3  # each attribute is left out of the caption with this probability
+    uncond_prob: float = 0.1  # whole caption dropped (classifier-free guidance)
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def captions_for(labels: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator, attribute_dropout: float,
+                 uncond_prob: float) -> list[str]:
+    """Incomplete captions for bank rows ``idx``: each attribute kept with prob 1 - dropout; some captions empty."""
+    out = []
+    for i in idx:
+        if rng.random() < uncond_prob:
+            out.append(UNCONDITIONAL)
+            continue
+        attrs = {a: (vocab.ATTRIBUTES[a][int(labels[a][i])] if rng.random() >= attribute_dropout else None)
+                 for a in vocab.ATTRIBUTES}
+        out.append(vocab.caption(attrs))
+    return out
+
+
+def _lr(step, cfg):
+    warm = 200
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
+
+
+def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resume: bool = False,
+               progress: bool = True, stop_after: int | None = None) -> tuple[OriginalModel, dict]:
+    """Train (or resume) the original model; returns the EMA model in eval mode and training stats.
+
+    ``stop_after`` ends the run early at that step (after checkpointing) — used by tests of resumption.
+    """
+    device = default_device(device)
+    state_dir = Path(state_dir)
+    state_path = state_dir / "train_state.pt"
+    torch.manual_seed(cfg.seed)
+    model = OriginalModel(cfg.model).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, losses, seconds = 0, [], 0.0
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["opt"])
+        start, losses, seconds = st["step"], st["losses"], st["seconds"]
+    sched = training_scheduler()
+    images = to_tensor(bank.images)
+    model.train()
+    t0 = time.time()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), desc="base model", initial=start, total=cfg.steps, disable=not progress)
+    for step in bar:
+        rng = np.random.default_rng((cfg.seed, step))  # the batch is a function of (seed, step) only
+        idx = rng.integers(len(bank), size=cfg.batch)
+        caps = captions_for(bank.labels, idx, rng, cfg.attribute_dropout, cfg.uncond_prob)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x0 = images[idx].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen).to(device)
+        x_t, v = diffusion_targets(x0, noise, t, sched)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg)
+        with autocast(device):
+            loss = F.mse_loss(model.predict(x_t, t, model.encode(caps)).float(), v)  # L_diff = ||v_hat - v||^2
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"base model: loss {loss.item()} at step {step}; the last good state is {state_path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            _save_state(state_path, model, ema, opt, step + 1, losses, seconds + time.time() - t0)
+    seconds += time.time() - t0
+    stats = {"steps": cfg.steps, "batch": cfg.batch, "final_loss": round(float(np.mean(losses[-200:])), 5) if losses else None,
+             "train_seconds": round(seconds, 1), "images_per_second": round(cfg.batch * len(losses) / max(seconds, 1e-9), 1),
+             "resumed_from_step": start}
+    return ema.eval(), stats
+
+
+def _save_state(path: Path, model, ema, opt, step, losses, seconds):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                "losses": losses, "seconds": seconds}, tmp)
+    os.replace(tmp, path)

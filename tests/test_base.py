@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from pulid_lab import vocab, world
+from pulid_lab.base import BaseModelConfig, OriginalModel, initial_noise
+from pulid_lab.data import render_bank
+from pulid_lab.sampling import lightning_sample, make_scheduler, naive_x0, training_scheduler, diffusion_targets
+from pulid_lab.text import build_tokenizer, load_text, tokenize
+from pulid_lab.train_base import BaseTraining, train_base
+
+TINY = BaseModelConfig(block_out_channels=(16, 32, 32), attention_head_dim=16, norm_num_groups=8,
+                       text_hidden=32, text_layers=1, text_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return OriginalModel(TINY).eval()
+
+
+def test_tokenizer_round_trip_and_vocabulary_error(tmp_path, tiny):
+    tok = build_tokenizer()
+    ids = tokenize(tok, ["a portrait, sketch, blue background, close-up"])
+    assert tok.convert_ids_to_tokens(ids[0][:11].tolist()) == [
+        "<bos>", "a", "portrait", ",", "sketch", ",", "blue", "background", ",", "close-up", "<eos>"]
+    longest = vocab.caption({a: v[0] if a != "position" else "center" for a, v in vocab.ATTRIBUTES.items()})
+    assert (tokenize(tok, [longest])[0] == 2).any()  # <eos> fits: nothing truncated
+    with pytest.raises(vocab.VocabularyError, match="'anime'"):
+        tokenize(tok, ["a portrait, anime"])
+    tiny.save(tmp_path)
+    tok2, enc2 = load_text(tmp_path)
+    assert torch.equal(tokenize(tok2, ["a portrait, hat"]), tokenize(tok, ["a portrait, hat"]))
+    loaded = OriginalModel.load(tmp_path, TINY)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(["a portrait, hat"]), tiny.encode(["a portrait, hat"]))
+
+
+def test_samplers_are_deterministic_given_a_seed(tiny):
+    caps = ["a portrait, sketch", "a portrait, red background"]
+    for solver, steps in (("dpm++", 6), ("ddim", 5), ("lightning", 4)):
+        a = tiny.generate(caps, seed=3, steps=steps, solver=solver)
+        b = tiny.generate(caps, seed=3, steps=steps, solver=solver)
+        assert torch.equal(a, b), solver
+        assert a.shape == (2, 3, 32, 32)
+    single = tiny.generate(caps[1:], seed=[4], steps=4, solver="lightning")
+    assert torch.allclose(single[0], tiny.generate(caps, seed=3, steps=4, solver="lightning")[1], atol=1e-5)
+
+
+def test_few_step_sampler_output_stays_in_range(tiny):
+    """The schedule trap (DESIGN.md): with v-prediction the first step from t=999 must not explode."""
+    fn = tiny.model_fn(["a portrait"] * 2)
+    with torch.no_grad():
+        for solver in ("ddim", "dpm++"):
+            from pulid_lab.sampling import sample
+            x = sample(fn, initial_noise(2, 0), steps=4, solver=solver)
+            assert x.abs().max() < 20, solver
+
+
+def _adapter_fn(model, scale_param):
+    tokens = model.encode(["a portrait, hat"] * 2)
+    return lambda x, t, step: model.predict(x, t, tokens * (1 + scale_param))
+
+
+def test_gradients_reach_noise_and_adapter_through_all_lightning_steps(tiny):
+    p = torch.zeros((), requires_grad=True)  # stands in for an adapter parameter
+    x_T = initial_noise(2, 0).requires_grad_(True)
+    out = lightning_sample(_adapter_fn(tiny, p), x_T, steps=4)
+    out.square().mean().backward()
+    assert x_T.grad is not None and x_T.grad.abs().sum() > 0
+    assert p.grad is not None and p.grad.abs() > 0
+    # only the last k steps carry gradients: with k=1, x_T gets none
+    x_T2 = initial_noise(2, 0).requires_grad_(True)
+    out = lightning_sample(_adapter_fn(tiny, p), x_T2, steps=4, grad_steps=1)
+    out.square().mean().backward()
+    assert x_T2.grad is None
+
+
+def test_checkpointing_gives_the_same_gradients(tiny):
+    grads = []
+    for use_checkpoint in (True, False):
+        p = torch.zeros((), requires_grad=True)
+        x_T = initial_noise(2, 1).requires_grad_(True)
+        lightning_sample(_adapter_fn(tiny, p), x_T, steps=4, use_checkpoint=use_checkpoint).square().mean().backward()
+        grads.append((p.grad.clone(), x_T.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_naive_x0_inverts_the_forward_process():
+    sched = training_scheduler()
+    x0, noise = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    t = torch.tensor([10, 500, 990])
+    x_t, v = diffusion_targets(x0, noise, t, sched)
+    assert torch.allclose(naive_x0(x_t, v, t, sched), x0, atol=1e-4)
+
+
+def test_base_training_resumes_to_the_same_weights(tmp_path):
+    bank = render_bank(world.TRAIN_IDS[:16], 2, seed=0, progress=False)
+    cfg = BaseTraining(model=TINY, steps=6, batch=4, checkpoint_every=2)
+    full, _ = train_base(cfg, bank, tmp_path / "a", progress=False)
+    train_base(cfg, bank, tmp_path / "b", progress=False, stop_after=4)  # "interrupted" after step 4
+    resumed, stats = train_base(cfg, bank, tmp_path / "b", progress=False, resume=True)
+    assert stats["resumed_from_step"] == 4
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
