@@ -5,6 +5,7 @@ no self-attention: the costs in DESIGN.md), so attention maps exist at two scale
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,15 +88,16 @@ class OriginalModel(nn.Module):
         """save_pretrained of tokenizer, text encoder and UNet into ``folder``; returns the files written."""
         folder = Path(folder)
         self.tokenizer.save_pretrained(folder / "tokenizer")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        self.unet.save_pretrained(folder / "unet")
+        # weights are stored in fp16 (half the size in the repository) and loaded back as fp32
+        copy.deepcopy(self.text_encoder).half().save_pretrained(folder / "text_encoder")
+        copy.deepcopy(self.unet).half().save_pretrained(folder / "unet")
         return sorted(p for sub in ("tokenizer", "text_encoder", "unet") for p in (folder / sub).iterdir() if p.is_file())
 
     @classmethod
     def load(cls, folder: Path, cfg: BaseModelConfig | None = None) -> "OriginalModel":
         folder = Path(folder)
         tokenizer, text_encoder = text.load_text(folder)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
         return cls(cfg, tokenizer, text_encoder, unet).eval()
 
 
@@ -110,3 +112,35 @@ def initial_noise(n: int, seed: int | list[int], device=None) -> torch.Tensor:
 
 def base_config_dict(cfg: BaseModelConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+BASE_SUBDIR = "base"
+
+
+def save_base(folder: Path, model: OriginalModel, stats: dict, profile: str) -> None:
+    """Save the original model under ``folder/base`` and record every file's sha256 in the manifest."""
+    from . import checkpoints
+    folder = Path(folder)
+    files = model.save(folder / BASE_SUBDIR)
+    manifest = checkpoints.read_manifest(folder)
+    manifest["base"] = {"config": base_config_dict(model.cfg), "metrics": stats, "profile": profile}
+    checkpoints.write_manifest(folder, manifest)
+    for f in files:
+        rel = f.relative_to(folder)
+        checkpoints.record_file(folder, str(rel), "base", f, source="base")
+
+
+def load_base(folder: Path | None = None, device=None) -> OriginalModel:
+    """The shipped (or ``folder``'s) original model, every file checked against the manifest."""
+    from . import checkpoints
+    folder = Path(folder) if folder is not None else checkpoints.default_models_dir()
+    manifest = checkpoints.read_manifest(folder)
+    if "base" not in manifest:
+        raise checkpoints.CheckpointError(f"no base model recorded in {folder / 'manifest.json'}; "
+                                          + checkpoints.rebuild_hint(folder))
+    for name, entry in manifest.get("files", {}).items():
+        if entry.get("source") == "base":
+            checkpoints.verified_file(name, folder)
+    cfg = BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["base"]["config"].items()})
+    model = OriginalModel.load(folder / BASE_SUBDIR, cfg)
+    return model.to(device) if device is not None else model

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, world
+from . import checkpoints, vocab, world
 from .data import align_faces, render_bank, to_tensor
 from .identity import FaceAnalysis, crops_for_insightface
 from .metrics import cosine, verification_accuracy, verification_pairs
@@ -100,3 +100,105 @@ def passed(report: dict) -> dict:
         res[f"{name}_verification"] = report[f"{name}_verification"] >= THRESHOLDS["verification"]
     res["phi_cond_onnx_vs_torch"] = report["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The original model (base T2I + Lightning sampler)
+
+BASE_THRESHOLDS = {"base_prompt_score": 0.85, "lightning_over_base": 0.9, "identity_legibility": 0.9}
+
+
+def heldout_captions(n: int, seed: int = 11) -> tuple[list[str], dict[str, np.ndarray]]:
+    """``n`` complete captions (every attribute named) drawn with a fixed seed; most combinations never
+    appeared in training (captions there are incomplete)."""
+    labels = world.sample_attributes(np.random.default_rng((world.WORLD_SEED, 5, seed)), n)
+    caps = [vocab.caption({a: vocab.ATTRIBUTES[a][int(labels[a][i])] for a in ATTRIBUTES}) for i in range(n)]
+    return caps, labels
+
+
+@torch.no_grad()
+def prompt_scores(probe, images: torch.Tensor, labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Probe accuracy per attribute on generated images (B, 3, 32, 32) against the attributes asked for."""
+    logits = probe(images)
+    return {a: float(np.mean(logits[a].argmax(1).numpy() == labels[a])) for a in ATTRIBUTES}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FD between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    from scipy import linalg
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def check_base_model(models_dir: Path | None = None, n: int = 256, seeds_per_caption: int = 8, batch: int = 64,
+                     base_steps: int = 25, prototype_ids=None, progress: bool = False) -> dict:
+    """Measure the original model: prompt following (standard vs Lightning sampler), identity diversity and
+    legibility, probe-feature Fréchet distance to renders. Fixed captions and seeds."""
+    from tqdm.auto import tqdm
+
+    from .base import load_base
+    models_dir = Path(models_dir) if models_dir is not None else checkpoints.default_models_dir()
+    base = load_base(models_dir)
+    probe = checkpoints.load_model("probe", models_dir)
+    phi = checkpoints.load_model("phi_eval", models_dir)
+    detector = checkpoints.load_model("detector", models_dir)
+    n_caps = max(1, n // seeds_per_caption)
+    caps, labels = heldout_captions(n_caps)
+    caps = [c for c in caps for _ in range(seeds_per_caption)]
+    labels = {a: np.repeat(v, seeds_per_caption) for a, v in labels.items()}
+    seeds = np.arange(len(caps)) + 100_000
+    gens = {}
+    for name, steps, solver in (("base", base_steps, "dpm++"), ("lightning", 4, "lightning")):
+        out = []
+        for i in tqdm(range(0, len(caps), batch), desc=f"sample {name}", disable=not progress, leave=False):
+            out.append(base.generate(caps[i:i + batch], seed=[int(s) for s in seeds[i:i + batch]], steps=steps, solver=solver))
+        gens[name] = torch.cat(out)
+
+    report: dict = {"generations": len(caps), "base_sampler": f"dpm++ {base_steps} steps", "lightning_sampler": "ddim 4 steps (trailing)"}
+    for name, imgs in gens.items():
+        per_attr = prompt_scores(probe, imgs, labels)
+        report[f"{name}_prompt_score"] = round(float(np.mean(list(per_attr.values()))), 4)
+        report[f"{name}_prompt_score_per_attribute"] = {a: round(v, 3) for a, v in per_attr.items()}
+
+    def embed(images):
+        return phi(align_faces(images, detector(images)))
+
+    emb = embed(gens["lightning"]).view(n_caps, seeds_per_caption, -1)
+    iu = np.triu_indices(seeds_per_caption, 1)
+    sims = torch.stack([cosine(e[iu[0]], e[iu[1]]) for e in emb])
+    report["base_identity_diversity"] = round(float(sims.mean()), 4)
+
+    # the same figure for real renders: pairs of renders of one identity, and of different identities
+    rend = render_bank(world.HELDOUT_IDS[:n_caps], seeds_per_caption, seed=CHECK_SEED + 1, cache=False, progress=False)
+    rx = to_tensor(rend.images)
+    r_emb = embed(rx).view(n_caps, seeds_per_caption, -1)
+    report["same_identity_cosine_renders"] = round(float(torch.stack([cosine(e[iu[0]], e[iu[1]]) for e in r_emb]).mean()), 4)
+    report["different_identity_cosine_renders"] = round(float(cosine(r_emb[:, 0], r_emb.roll(1, 0)[:, 0]).mean()), 4)
+
+    # legibility: best match to a train-identity prototype, generated vs real (held-out) renders
+    proto_ids = world.TRAIN_IDS if prototype_ids is None else np.asarray(prototype_ids)
+    train = render_bank(proto_ids, 4, seed=CHECK_SEED + 2, progress=progress)
+    t_emb = torch.nn.functional.normalize(torch.cat([embed(to_tensor(train.images[i:i + 512])) for i in range(0, len(train), 512)]), dim=-1)
+    protos = torch.nn.functional.normalize(t_emb.view(len(proto_ids), 4, -1).mean(1), dim=-1)
+
+    def best_match(e):
+        return (torch.nn.functional.normalize(e.reshape(-1, e.shape[-1]), dim=-1) @ protos.T).max(1).values.mean()
+    gen_best, real_best = best_match(emb), best_match(r_emb)
+    report["best_prototype_cosine_generated"] = round(float(gen_best), 4)
+    report["best_prototype_cosine_renders"] = round(float(real_best), 4)
+    report["identity_legibility"] = round(float(gen_best / real_best), 4)
+
+    feats_r = probe.features(rx).numpy()
+    for name, imgs in gens.items():
+        report[f"probe_fd_{name}"] = round(frechet_distance(feats_r, probe.features(imgs).numpy()), 3)
+    report["passed"] = {
+        "base_prompt_score": report["base_prompt_score"] >= BASE_THRESHOLDS["base_prompt_score"],
+        "lightning_prompt_score": report["lightning_prompt_score"] >= BASE_THRESHOLDS["lightning_over_base"] * report["base_prompt_score"],
+        "identity_legibility": report["identity_legibility"] >= BASE_THRESHOLDS["identity_legibility"],
+        "base_identity_diversity_below_same_identity": report["base_identity_diversity"] < report["same_identity_cosine_renders"],
+    }
+    return report

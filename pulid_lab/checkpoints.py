@@ -87,7 +87,8 @@ def record_file(folder: Path, name: str, kind: str, file: Path, source: str) -> 
     """Record a derived artefact (e.g. the ONNX export of a model) with its sha256 in the manifest."""
     folder, file = Path(folder), Path(file)
     manifest = read_manifest(folder)
-    entry = dict(kind=kind, file=file.name, sha256=sha256_file(file), bytes=file.stat().st_size, source=source)
+    rel = file.resolve().relative_to(folder.resolve())  # files live inside the folder, maybe in a subfolder
+    entry = dict(kind=kind, file=str(rel), sha256=sha256_file(file), bytes=file.stat().st_size, source=source)
     manifest.setdefault("files", {})[name] = entry
     write_manifest(folder, manifest)
     return entry

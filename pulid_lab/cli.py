@@ -27,11 +27,35 @@ def _pretrain(args):
 
 
 def _check_models(args):
-    from .check_models import check_models
+    from . import checkpoints
+    from .check_models import check_base_model, check_models
     report = check_models(args.models, variants=args.variants, n_pairs=args.pairs, progress=not args.json)
+    folder = Path(args.models) if args.models else checkpoints.default_models_dir()
+    if "base" in checkpoints.read_manifest(folder) and not args.skip_base:
+        base = check_base_model(folder, n=args.generations, progress=not args.json)
+        report["passed"].update(base.pop("passed"))
+        report.update(base)
     print(json.dumps(report, indent=2 if not args.json else None))
     if args.strict and not all(report["passed"].values()):
         sys.exit(1)
+
+
+def _sample(args):
+    from .base import load_base
+    from .data import to_uint8
+    from .device import default_device
+    from .vocab import VocabularyError, check_words
+    try:
+        check_words(args.caption)
+    except VocabularyError as e:
+        sys.exit(f"error: {e}")
+    model = load_base(args.models, default_device(args.device))
+    solver = "lightning" if args.steps == 4 and args.solver == "auto" else ("dpm++" if args.solver == "auto" else args.solver)
+    img = model.generate([args.caption], seed=args.seed, steps=args.steps, solver=solver, guidance=args.guidance)
+    from PIL import Image
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(img)[0]).resize((32 * args.zoom, 32 * args.zoom), Image.NEAREST).save(args.out)
+    print(f"wrote {args.out} ({solver}, {args.steps} steps, seed {args.seed})")
 
 
 def main(argv=None):
@@ -56,9 +80,23 @@ def main(argv=None):
     c.add_argument("--models", default=None, help="models folder (default: the shipped ones)")
     c.add_argument("--variants", type=int, default=8, help="renders per held-out identity")
     c.add_argument("--pairs", type=int, default=4000, help="verification pairs per recognizer")
+    c.add_argument("--generations", type=int, default=256, help="base-model generations (captions x seeds)")
+    c.add_argument("--skip-base", action="store_true", help="check only the recognizers, detector and probe")
     c.add_argument("--json", action="store_true", help="print one JSON object only")
     c.add_argument("--strict", action="store_true", help="exit 1 when a threshold is missed")
     c.set_defaults(func=_check_models)
+
+    s = sub.add_parser("sample", help="generate one image with the original model")
+    s.add_argument("caption", help='e.g. "a portrait, sketch, blue background, glasses"')
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=4, help="4 = the Lightning sampler (default)")
+    s.add_argument("--solver", choices=["auto", "lightning", "dpm++", "ddim"], default="auto")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--zoom", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
+    s.add_argument("--models", default=None)
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", default="sample.png")
+    s.set_defaults(func=_sample)
 
     args = p.parse_args(argv)
     args.func(args)

@@ -29,17 +29,21 @@ class NetTraining:
 
 @dataclass
 class PretrainConfig:
-    """The foundation models (recognizers, detector, probe, image encoder) and the data they learn from."""
+    """The foundation models (recognizers, detector, probe, image encoder), the original text-to-image model,
+    and the data they learn from."""
     profile: str
     train_variants: int  # renders per train identity in the training bank
     nets: dict[str, NetTraining] = field(default_factory=dict)
+    base: "BaseTraining | None" = None
 
 
-def _foundation(variants: int, scale: float, profile: str) -> PretrainConfig:
+def _foundation(variants: int, scale: float, profile: str, base_steps: int) -> PretrainConfig:
     """The same recipe at every profile; only budgets differ (``scale`` multiplies the step counts)."""
     def steps(n):
         return max(2, int(n * scale))
-    return PretrainConfig(profile, variants, {
+    from .train_base import BaseTraining
+    base = BaseTraining(steps=base_steps, batch=32 if base_steps > 10 else 4, checkpoint_every=min(250, base_steps))
+    return PretrainConfig(profile, variants, base=base, nets={
         "detector": NetTraining("detector", "plain", (16, 32, 64, 128), seed=11, steps=steps(1500), lr=2e-3),
         "phi_cond": NetTraining("recognizer", "plain", (32, 64, 128, 256), dim=512, seed=1, steps=steps(2000)),
         "phi_loss": NetTraining("recognizer", "resnet", (32, 64, 128, 192), dim=128, seed=2, steps=steps(2000)),
@@ -50,9 +54,9 @@ def _foundation(variants: int, scale: float, profile: str) -> PretrainConfig:
 
 
 PRETRAIN_PROFILES = {
-    "smoke": _foundation(variants=2, scale=0.004, profile="smoke"),
-    "quick": _foundation(variants=8, scale=0.25, profile="quick"),
-    "paper": _foundation(variants=24, scale=1.0, profile="paper"),
+    "smoke": _foundation(variants=2, scale=0.004, profile="smoke", base_steps=2),
+    "quick": _foundation(variants=8, scale=0.25, profile="quick", base_steps=2000),
+    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=8000),
 }
 
 

@@ -18,7 +18,11 @@ from . import checkpoints, nets, world
 from .config import NetTraining, PretrainConfig
 from .data import Bank, align_faces, render_bank, to_tensor
 from .device import autocast, default_device
+from .base import base_config_dict, save_base
 from .identity import export_recognizer_onnx
+from .train_base import train_base
+
+TRAIN_STATE_DIR = ".train_state"  # resumable training state (optimiser, EMA); not shipped
 from .vocab import ATTRIBUTES
 
 
@@ -115,6 +119,10 @@ def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, 
     manifest = checkpoints.read_manifest(out)
     bank = render_bank(world.TRAIN_IDS, cfg.train_variants, seed=0, progress=progress)
     report = {}
+    known = list(cfg.nets) + (["base"] if cfg.base is not None else [])
+    unknown = sorted(set(only or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown network(s) {unknown}; choose from {known}")
     names = [n for n in cfg.nets if only is None or n in only]
     for name in tqdm(names, desc=f"pretrain ({cfg.profile})", disable=not progress):
         spec = cfg.nets[name]
@@ -133,4 +141,17 @@ def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, 
             model = checkpoints.load_model(name, out)
             onnx = export_recognizer_onnx(model, out / "phi_cond.onnx")
             checkpoints.record_file(out, "phi_cond_onnx", "onnx", onnx, source="phi_cond")
+    if cfg.base is not None and (only is None or "base" in only):
+        report["base"] = pretrain_base(cfg, out, bank, device, resume, progress)
     return report
+
+
+def pretrain_base(cfg: PretrainConfig, out: Path, bank: Bank, device=None, resume=False, progress=True) -> dict:
+    """Train the original model (checkpointing its training state under ``out/.train_state``) and save it."""
+    done = checkpoints.read_manifest(out).get("base")
+    if resume and done and done.get("metrics", {}).get("steps") == cfg.base.steps \
+            and done.get("config") == base_config_dict(cfg.base.model):
+        return done["metrics"]
+    model, stats = train_base(cfg.base, bank, out / TRAIN_STATE_DIR / "base", device, resume=resume, progress=progress)
+    save_base(out, model.cpu(), stats, cfg.profile)
+    return stats

@@ -50,4 +50,4 @@ def load_text(folder: Path):
     """(tokenizer, text encoder) from ``folder/tokenizer`` and ``folder/text_encoder``."""
     folder = Path(folder)
     return (PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
-            CLIPTextModel.from_pretrained(folder / "text_encoder"))
+            CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pulid_lab import checkpoints, nets, world
-from pulid_lab.check_models import THRESHOLDS, check_models
+from pulid_lab.check_models import THRESHOLDS, check_base_model, check_models
 from pulid_lab.config import pretrain_config
 from pulid_lab.data import as_image_batch
 from pulid_lab.identity import (FaceAnalysis, crops_for_insightface, export_recognizer_onnx,
@@ -68,9 +68,9 @@ def test_checkpoint_round_trip_and_corruption_errors(tmp_path):
 def test_smoke_pretrain_writes_every_model_and_resumes(tmp_path):
     cfg = pretrain_config("smoke")
     report = pretrain(cfg, tmp_path, progress=False)
-    assert set(report) == set(cfg.nets)
+    assert set(report) == set(cfg.nets) | {"base"}
     manifest = checkpoints.read_manifest(tmp_path)
-    assert set(manifest["models"]) == set(cfg.nets) and "phi_cond_onnx" in manifest["files"]
+    assert set(manifest["models"]) == set(cfg.nets) and "phi_cond_onnx" in manifest["files"] and "base" in manifest
     before = (tmp_path / "probe.safetensors").read_bytes()
     pretrain(cfg, tmp_path, resume=True, progress=False)  # nothing to redo
     assert (tmp_path / "probe.safetensors").read_bytes() == before
@@ -79,6 +79,11 @@ def test_smoke_pretrain_writes_every_model_and_resumes(tmp_path):
                 "phi_cond_onnx_vs_torch"):
         assert key in out
     assert out["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
+    base = check_base_model(tmp_path, n=8, seeds_per_caption=2, base_steps=4, prototype_ids=world.TRAIN_IDS[:20])
+    for key in ("base_prompt_score", "lightning_prompt_score", "base_identity_diversity", "identity_legibility",
+                "probe_fd_lightning", "probe_fd_base"):
+        assert key in base and np.isfinite(base[key]), key
+    assert 0 <= base["base_prompt_score"] <= 1
 
 
 def test_face_analysis_rejects_bad_references():

@@ -1,0 +1,42 @@
+"""The two training branches of PuLID: the ordinary diffusion branch (with its naive one-step x0) and the
+Lightning T2I branch (few-step sampling from pure noise, with and without the ID, same x_T and prompt)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import Capture
+from .sampling import LIGHTNING_STEPS, lightning_sample
+
+
+def unet_fn(unet, text_tokens, id_tokens=None, id_scale: float = 1.0, capture: Capture | None = None):
+    """A sampler callable ``(x_t, t, step) -> v`` for a UNet patched with our processors (``install``)."""
+    def fn(x, t, step):
+        kwargs = {"id_tokens": id_tokens, "id_scale": id_scale, "capture": capture, "step": step}
+        return unet(x, t, encoder_hidden_states=text_tokens, cross_attention_kwargs=kwargs).sample
+    return fn
+
+
+@dataclass
+class LightningOutput:
+    image_id: torch.Tensor  # (B, 3, 32, 32) x0 with the ID, differentiable
+    image_plain: torch.Tensor | None  # (B, 3, 32, 32) x0 without the ID (no gradient)
+    capture_id: Capture
+    capture_plain: Capture | None
+
+
+def lightning_branch(unet, text_tokens, id_tokens, x_T, id_scale: float = 1.0, grad_steps: int | None = None,
+                     with_plain: bool = True, steps: int = LIGHTNING_STEPS, use_checkpoint: bool = True,
+                     layers: set[str] | None = None) -> LightningOutput:
+    """Run the Lightning sampler from ``x_T`` with the ID (gradients through the last ``grad_steps`` steps)
+    and, if ``with_plain``, without it (no gradients: the prompt-only path is the alignment target).
+    ``unet`` must have our processors installed. Captures hold Q and K of every attn2 layer at every step."""
+    cap_id = Capture(layers=layers)
+    image_id = lightning_sample(unet_fn(unet, text_tokens, id_tokens, id_scale, cap_id), x_T, steps, grad_steps, use_checkpoint)
+    image_plain, cap_plain = None, None
+    if with_plain:
+        cap_plain = Capture(layers=layers)
+        with torch.no_grad():
+            image_plain = lightning_sample(unet_fn(unet, text_tokens, None, 0.0, cap_plain), x_T, steps)
+    return LightningOutput(image_id, image_plain, cap_id, cap_plain)

@@ -1,0 +1,74 @@
+"""PuLID's losses (DESIGN.md "PuLID in one page").
+
+L = L_diff + L_align + lambda_id L_id, with L_align = lambda_sem L_align_sem + lambda_layout L_align_layout,
+summed over all cross-attention layers and all sampler steps. Q: (B, N_img, C) query features of a layer;
+K: (B, N_txt, C) projected text keys of the same layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Capture
+from .data import align_faces
+from .metrics import cosine
+
+LAMBDA_SEM, LAMBDA_LAYOUT, LAMBDA_ID = 0.6, 0.1, 1.0
+
+
+def diffusion_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
+    """L_diff = || v_hat - v ||_2^2 (mean over pixels; v-prediction)."""
+    return F.mse_loss(v_pred.float(), v_target.float())
+
+
+def text_response(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(K Q^T / sqrt d) Q: attention with the text keys as queries and image features as keys and values.
+    q (B, N_img, C), k (B, N_txt, C) -> (B, N_txt, C)."""
+    return F.scaled_dot_product_attention(k[:, None], q[:, None], q[:, None])[:, 0]
+
+
+def _pairs(cap_id: Capture, cap_plain: Capture):
+    keys = cap_id.keys()
+    if not keys:
+        raise ValueError("no captured layers: run both paths with a Capture in cross_attention_kwargs")
+    missing = [k for k in keys if k not in cap_plain.q]
+    if missing:
+        raise ValueError(f"the two paths captured different layers/steps, e.g. {missing[:2]}")
+    return keys
+
+
+def align_semantic_loss(cap_id: Capture, cap_plain: Capture, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_align_sem = sum over layers and steps of || softmax(K Q_tid^T/sqrt d) Q_tid - softmax(K Q_t^T/sqrt d) Q_t ||_2
+    (L2 norm over channels, mean over text tokens and batch). ``token_mask`` (B, N_txt) restricts to real tokens."""
+    total = 0.0
+    for key in _pairs(cap_id, cap_plain):
+        k = cap_id.k[key]
+        diff = text_response(cap_id.q[key], k) - text_response(cap_plain.q[key], cap_plain.k[key])
+        norms = torch.linalg.vector_norm(diff.float(), dim=-1)  # (B, N_txt)
+        total = total + (norms[token_mask].mean() if token_mask is not None else norms.mean())
+    return total
+
+
+def align_layout_loss(cap_id: Capture, cap_plain: Capture) -> torch.Tensor:
+    """L_align_layout = sum over layers and steps of || Q_tid - Q_t ||_2 (L2 over channels, mean over positions)."""
+    total = 0.0
+    for key in _pairs(cap_id, cap_plain):
+        total = total + torch.linalg.vector_norm((cap_id.q[key] - cap_plain.q[key]).float(), dim=-1).mean()
+    return total
+
+
+def align_loss(cap_id: Capture, cap_plain: Capture, lambda_sem: float = LAMBDA_SEM, lambda_layout: float = LAMBDA_LAYOUT,
+               token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_align = lambda_sem L_align_sem + lambda_layout L_align_layout; also returns both terms as floats."""
+    sem = align_semantic_loss(cap_id, cap_plain, token_mask) if lambda_sem else torch.zeros(())
+    lay = align_layout_loss(cap_id, cap_plain) if lambda_layout else torch.zeros(())
+    return lambda_sem * sem + lambda_layout * lay, {"align_sem": float(sem.detach()), "align_layout": float(lay.detach())}
+
+
+def id_loss(phi, detector, reference_embedding: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """L_id = 1 - CosSim(phi(C_id), phi(x0)): images (B, 3, 32, 32) are aligned with detector boxes (no gradient
+    through the box) and embedded by the frozen, differentiable phi_loss; reference_embedding (B, D) is fixed."""
+    with torch.no_grad():
+        boxes = detector(images.float())
+    emb = phi(align_faces(images.float(), boxes))
+    return (1 - cosine(reference_embedding.detach(), emb)).mean()
