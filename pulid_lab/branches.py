@@ -6,13 +6,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import Capture
+from .attention import Capture, IDAttnProcessor
 from .sampling import LIGHTNING_STEPS, lightning_sample
 
 
 def unet_fn(unet, text_tokens, id_tokens=None, id_scale: float = 1.0, capture: Capture | None = None):
-    """A sampler callable ``(x_t, t, step) -> v`` for a UNet patched with our processors (``install``)."""
+    """A sampler callable ``(x_t, t, step) -> v`` for a UNet patched with our processors (``install``).
+
+    It checks on every call that the processors are still installed: with gradient checkpointing the UNet is
+    re-run during ``backward``, which must therefore also happen inside ``install`` / ``adapter.installed``."""
+    probe = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
+
     def fn(x, t, step):
+        if not isinstance(probe.processor, IDAttnProcessor):
+            raise RuntimeError("the UNet's ID processors are not installed (was backward called outside "
+                               "`with adapter.installed(unet)`? checkpointed steps re-run the UNet in backward)")
         kwargs = {"id_tokens": id_tokens, "id_scale": id_scale, "capture": capture, "step": step}
         return unet(x, t, encoder_hidden_states=text_tokens, cross_attention_kwargs=kwargs).sample
     return fn

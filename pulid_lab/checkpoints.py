@@ -113,8 +113,8 @@ def rebuild_hint(folder: Path, profile: str | None = None) -> str:
     return f"rebuild it with: pulid-lab pretrain --profile {profile} --out {folder}"
 
 
-def load_model(name: str, folder: Path | None = None, device="cpu") -> torch.nn.Module:
-    """Load model ``name`` from ``folder`` (default: the shipped models), verifying its sha256; eval mode."""
+def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
+    """(state dict as fp32, manifest entry) of model ``name`` in ``folder``, after checking its sha256."""
     folder = Path(folder) if folder is not None else default_models_dir()
     manifest = read_manifest(folder)
     entry = manifest.get("models", {}).get(name)
@@ -128,6 +128,13 @@ def load_model(name: str, folder: Path | None = None, device="cpu") -> torch.nn.
     if digest != entry["sha256"]:
         raise CheckpointError(f"checkpoint {file} is corrupted (sha256 {digest[:12]}… != manifest "
                               f"{entry['sha256'][:12]}…); " + rebuild_hint(folder))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+    return state, entry
+
+
+def load_model(name: str, folder: Path | None = None, device="cpu") -> torch.nn.Module:
+    """Load network ``name`` (a nets.KINDS model) from ``folder`` (default: the shipped models); eval mode."""
+    state, entry = load_state(name, folder)
     model = nets.build(entry["kind"], entry["config"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()})
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -58,6 +58,12 @@ def _sample(args):
     print(f"wrote {args.out} ({solver}, {args.steps} steps, seed {args.seed})")
 
 
+def _bench(args):
+    from .bench import run
+    report = run()
+    print(json.dumps(report, indent=None if args.json else 2))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="pulid-lab", description="PuLID workbench: the ToyFaces world, mini models, training and evaluation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +103,10 @@ def main(argv=None):
     s.add_argument("--device", default=None)
     s.add_argument("--out", default="sample.png")
     s.set_defaults(func=_sample)
+
+    b = sub.add_parser("bench", help="measured speed and memory ratios of the PuLID core on the mini model")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_bench)
 
     args = p.parse_args(argv)
     args.func(args)

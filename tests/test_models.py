@@ -65,9 +65,9 @@ def test_checkpoint_round_trip_and_corruption_errors(tmp_path):
         checkpoints.load_model("probe", tmp_path)
 
 
-def test_smoke_pretrain_writes_every_model_and_resumes(tmp_path):
+def test_smoke_pretrain_writes_every_model_and_resumes(smoke_models):
+    tmp_path, report = smoke_models
     cfg = pretrain_config("smoke")
-    report = pretrain(cfg, tmp_path, progress=False)
     assert set(report) == set(cfg.nets) | {"base"}
     manifest = checkpoints.read_manifest(tmp_path)
     assert set(manifest["models"]) == set(cfg.nets) and "phi_cond_onnx" in manifest["files"] and "base" in manifest

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from pulid_lab import world
+from pulid_lab.base import load_base
+from pulid_lab.data import render_bank
+from pulid_lab.id_encoder import IDEncoderConfig
+from pulid_lab.train_pulid import NonFiniteLoss, PuLIDTrainer, PuLIDTraining, load_adapter, reference_indices
+
+SMALL = dict(batch=4, lightning_batch=2, checkpoint_every=1, encoder=IDEncoderConfig(width=32, n_global=2))
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return render_bank(world.TRAIN_IDS[:12], 3, seed=0, progress=False)
+
+
+def trainer(smoke_models, bank, out, **kw):
+    models, _ = smoke_models
+    return PuLIDTrainer(PuLIDTraining(**{**SMALL, **kw}), bank, out, models_dir=models)
+
+
+@pytest.mark.parametrize("kw,terms", [
+    (dict(stage=1), {"diff"}),
+    (dict(stage=1, id_source="other"), {"diff"}),
+    (dict(stage=2, id_loss="lightning", grad_steps=1), {"diff", "id"}),
+    (dict(stage=2, id_loss="naive"), {"diff", "id"}),
+    (dict(stage=3), {"diff", "id", "align_sem", "align_layout"}),
+])
+def test_each_stage_trains_only_the_adapter(smoke_models, bank, tmp_path, kw, terms):
+    tr = trainer(smoke_models, bank, tmp_path, steps=2, **kw)
+    base_before = {k: v.clone() for k, v in tr.base.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in tr.adapter.state_dict().items()}
+    result = tr.fit(progress=False)
+    assert terms | {"total"} <= set(result["log"][-1])
+    assert all(np.isfinite(v) for v in result["log"][-1].values())
+    assert all(torch.equal(v, tr.base.state_dict()[k]) for k, v in base_before.items())
+    assert any(not torch.equal(v, tr.adapter.state_dict()[k]) for k, v in adapter_before.items())
+    assert (tmp_path / "losses.csv").read_text().startswith("step,")
+    loaded = load_adapter(tmp_path, load_base(smoke_models[0]).unet)
+    assert all(torch.allclose(v, tr.adapter.state_dict()[k], atol=1e-2) for k, v in loaded.state_dict().items())
+
+
+def test_resume_after_interruption_gives_the_same_weights(smoke_models, bank, tmp_path):
+    full = trainer(smoke_models, bank, tmp_path / "full", steps=4)
+    full.fit(progress=False)
+    part = trainer(smoke_models, bank, tmp_path / "part", steps=4)
+    part.fit(progress=False, stop_after=2)  # killed after step 2's checkpoint
+    again = trainer(smoke_models, bank, tmp_path / "part", steps=4)
+    result = again.fit(progress=False, resume=True)
+    assert result["resumed_from_step"] == 2
+    for k, v in full.adapter.state_dict().items():
+        assert torch.allclose(v, again.adapter.state_dict()[k], atol=1e-6), k
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(smoke_models, bank, tmp_path):
+    tr = trainer(smoke_models, bank, tmp_path, steps=5)
+    real = tr.step_losses
+
+    def poisoned(step):
+        out = real(step)
+        if step == 2:
+            out["total"] = out["total"] * float("nan")
+        return out
+    tr.step_losses = poisoned
+    with pytest.raises(NonFiniteLoss, match="step 2.*last good checkpoint"):
+        tr.fit(progress=False)
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 2
+
+
+def test_reference_indices_pick_another_render_of_the_same_identity(bank):
+    rng = np.random.default_rng(0)
+    idx = np.arange(len(bank))
+    other = reference_indices(bank, idx, "other", rng)
+    assert (bank.ids[other] == bank.ids[idx]).all() and (other != idx).all()
+    assert (reference_indices(bank, idx, "same", rng) == idx).all()
