@@ -21,7 +21,7 @@ UNCONDITIONAL = ""  # the empty caption (<bos><eos>) is the unconditional prompt
 
 @dataclass
 class BaseModelConfig:
-    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    block_out_channels: tuple[int, ...] = (48, 96, 160)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     layers_per_block: int = 1

@@ -58,6 +58,19 @@ def _sample(args):
     print(f"wrote {args.out} ({solver}, {args.steps} steps, seed {args.seed})")
 
 
+def _evaluate(args):
+    from .base import load_base
+    from .device import default_device
+    from .evaluate import Evaluator, evaluate, test_set
+    from .train_pulid import load_adapter
+    device = default_device(args.device)
+    base = load_base(args.models, device)
+    adapter = load_adapter(Path(args.checkpoint), base.unet).to(device)
+    report = evaluate(base, adapter, Evaluator(args.models, device), test_set(args.ids), tuple(args.id_scales),
+                      progress=not args.json)
+    print(json.dumps(report, indent=None if args.json else 2))
+
+
 def _bench(args):
     from .bench import run
     report = run()
@@ -103,6 +116,15 @@ def main(argv=None):
     s.add_argument("--device", default=None)
     s.add_argument("--out", default="sample.png")
     s.set_defaults(func=_sample)
+
+    e = sub.add_parser("evaluate", help="Face Sim, prompt score and purity of a trained adapter on the held-out test set")
+    e.add_argument("checkpoint", help="folder with adapter.safetensors + manifest.json (a trainer's output)")
+    e.add_argument("--ids", type=int, default=100, help="held-out identities (x 8 prompts)")
+    e.add_argument("--id-scales", type=float, nargs="+", default=[1.0, 0.5])
+    e.add_argument("--models", default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_evaluate)
 
     b = sub.add_parser("bench", help="measured speed and memory ratios of the PuLID core on the mini model")
     b.add_argument("--json", action="store_true")

@@ -55,8 +55,8 @@ def _foundation(variants: int, scale: float, profile: str, base_steps: int) -> P
 
 PRETRAIN_PROFILES = {
     "smoke": _foundation(variants=2, scale=0.004, profile="smoke", base_steps=2),
-    "quick": _foundation(variants=8, scale=0.25, profile="quick", base_steps=2000),
-    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=8000),
+    "quick": _foundation(variants=8, scale=0.25, profile="quick", base_steps=1200),
+    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=5000),
 }
 
 

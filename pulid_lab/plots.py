@@ -67,3 +67,26 @@ def world_grid(ids=None, seed: int = 0, out=None):
         rows.append(r.images)
     names = [("held-out " if i >= world.N_TRAIN else "train ") + str(i) for i in ids]
     return image_grid(np.stack(rows), names, [t for t, _ in WORLD_COLUMNS], out=out)
+
+
+BASE_SAMPLE_CAPTIONS = (
+    "a portrait, photo, blue background",
+    "a portrait, sketch, red background, glasses",
+    "a portrait, comic, green background, hat",
+    "a portrait, pixel art, yellow background, smiling",
+    "a portrait, painting, purple background, on the left, distant",
+    "a portrait, photo, teal background, left light, old",
+)
+
+
+def base_samples(model, captions=BASE_SAMPLE_CAPTIONS, seeds=range(6), out=None):
+    """The original model: rows = captions, columns = seeds, for DDIM 50 steps (left) and Lightning 4 steps (right)."""
+    from .data import to_uint8
+    seeds = list(seeds)
+    rows = []
+    for cap in captions:
+        slow = model.generate([cap] * len(seeds), seed=seeds, steps=50, solver="ddim")
+        fast = model.generate([cap] * len(seeds), seed=seeds, steps=4, solver="lightning")
+        rows.append(np.concatenate([to_uint8(slow), to_uint8(fast)]))
+    titles = [f"50-step s{s}" for s in seeds] + [f"4-step s{s}" for s in seeds]
+    return image_grid(np.stack(rows), [c.replace("a portrait, ", "") for c in captions], titles, out=out)

@@ -5,6 +5,7 @@ is saved at once, so an interrupted pretrain resumes (``resume=True``) at the fi
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -16,13 +17,17 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, nets, world
 from .config import NetTraining, PretrainConfig
-from .data import Bank, align_faces, render_bank, to_tensor
+from .data import Bank, align_faces, cache_dir, render_bank, to_tensor
 from .device import autocast, default_device
 from .base import base_config_dict, save_base
 from .identity import export_recognizer_onnx
 from .train_base import train_base
 
-TRAIN_STATE_DIR = ".train_state"  # resumable training state (optimiser, EMA); not shipped
+def train_state_dir(out: Path, name: str) -> Path:
+    """Where resumable training state (weights, EMA, optimiser) lives: in the cache folder, outside the
+    repository (hundreds of MB, never shipped), keyed by the output folder so that --resume finds it."""
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:10]
+    return cache_dir() / "train_state" / f"{Path(out).name}-{key}" / name
 from .vocab import ATTRIBUTES
 
 
@@ -116,13 +121,13 @@ def _loss(kind, model, head, images, ids, boxes, labels, margin, gen):
 def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, only=None, progress: bool = True) -> dict:
     """Train every network in ``cfg`` (or those in ``only``) and save each into ``out`` as soon as it is done."""
     out = Path(out)
-    manifest = checkpoints.read_manifest(out)
-    bank = render_bank(world.TRAIN_IDS, cfg.train_variants, seed=0, progress=progress)
-    report = {}
     known = list(cfg.nets) + (["base"] if cfg.base is not None else [])
     unknown = sorted(set(only or []) - set(known))
     if unknown:
         raise ValueError(f"unknown network(s) {unknown}; choose from {known}")
+    manifest = checkpoints.read_manifest(out)
+    bank = render_bank(world.TRAIN_IDS, cfg.train_variants, seed=0, progress=progress)
+    report = {}
     names = [n for n in cfg.nets if only is None or n in only]
     for name in tqdm(names, desc=f"pretrain ({cfg.profile})", disable=not progress):
         spec = cfg.nets[name]
@@ -147,11 +152,12 @@ def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, 
 
 
 def pretrain_base(cfg: PretrainConfig, out: Path, bank: Bank, device=None, resume=False, progress=True) -> dict:
-    """Train the original model (checkpointing its training state under ``out/.train_state``) and save it."""
+    """Train the original model (checkpointing its training state, see ``train_state_dir``) and save it."""
     done = checkpoints.read_manifest(out).get("base")
     if resume and done and done.get("metrics", {}).get("steps") == cfg.base.steps \
             and done.get("config") == base_config_dict(cfg.base.model):
         return done["metrics"]
-    model, stats = train_base(cfg.base, bank, out / TRAIN_STATE_DIR / "base", device, resume=resume, progress=progress)
+    state_dir = train_state_dir(out, "base")
+    model, stats = train_base(cfg.base, bank, state_dir, device, resume=resume, progress=progress)
     save_base(out, model.cpu(), stats, cfg.profile)
     return stats

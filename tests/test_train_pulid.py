@@ -75,3 +75,17 @@ def test_reference_indices_pick_another_render_of_the_same_identity(bank):
     other = reference_indices(bank, idx, "other", rng)
     assert (bank.ids[other] == bank.ids[idx]).all() and (other != idx).all()
     assert (reference_indices(bank, idx, "same", rng) == idx).all()
+
+
+def test_evaluate_on_a_tiny_set(smoke_models, bank, tmp_path):
+    from pulid_lab.evaluate import Evaluator, evaluate, test_set
+    tr = trainer(smoke_models, bank, tmp_path, steps=1)
+    tr.fit(progress=False)
+    tests = test_set(n_ids=2)
+    assert len(tests.prompts) == 16 and len(set(tests.seeds)) == 16
+    ev = Evaluator(smoke_models[0])
+    report = evaluate(tr.base, tr.adapter, ev, tests, id_scales=(1.0, 0.0), batch=8, progress=False)
+    for scale in ("id_scale_1", "id_scale_0"):
+        r = report[scale]
+        assert -1 <= r["face_sim"] <= 1 and 0 <= r["prompt_score"] <= 1 and r["n"] == 16
+    assert report["id_scale_0"]["purity"] == pytest.approx(1.0, abs=1e-5)  # no ID: identical images
