@@ -54,6 +54,17 @@ class Capture:
     def wants(self, layer: str) -> bool:
         return self.layers is None or layer in self.layers
 
+    def record(self, layer: str, step: int, q: torch.Tensor, k: torch.Tensor, probs=None) -> None:
+        """First write wins: gradient checkpointing re-runs each step in backward, and the re-run must neither
+        replace what the loss used nor keep its recomputed graph alive (that would undo the memory saving).
+        Use a fresh Capture per sampling pass."""
+        key = (layer, step)
+        if key in self.q:
+            return
+        self.q[key], self.k[key] = q, k
+        if probs is not None:
+            self.p[key] = probs
+
     def keys(self) -> list[tuple[str, int]]:
         return sorted(self.q, key=lambda k: (k[1], k[0]))
 
@@ -139,12 +150,11 @@ class IDAttnProcessor(nn.Module):
         q = _heads(query, attn.heads)
         text_out = _merge(F.scaled_dot_product_attention(q, _heads(key, attn.heads), _heads(value, attn.heads),
                                                          attn_mask=mask)).to(query.dtype)  # Attn(Q, K_txt, V_txt)
-        if capture is not None and capture.wants(self.name):
-            capture.q[(self.name, step)] = query
-            capture.k[(self.name, step)] = key
+        if capture is not None and capture.wants(self.name) and (self.name, step) not in capture.q:
+            probs = None
             if capture.probs:
-                scores = q @ _heads(key, attn.heads).transpose(-1, -2) * attn.scale
-                capture.p[(self.name, step)] = scores.softmax(-1).detach()
+                probs = (q @ _heads(key, attn.heads).transpose(-1, -2) * attn.scale).softmax(-1).detach()
+            capture.record(self.name, step, query, key, probs)
         out = text_out
         if id_tokens is not None and id_scale != 0:
             out = text_out + self._id_term(attn, q, text_out, id_tokens, id_scale)

@@ -2,11 +2,14 @@
 
 Peak memory on CPU: each Lightning configuration runs in a fresh subprocess; the figure is the growth of the
 process's peak resident set (VmHWM) during one training step over its resident set just before it (VmRSS),
-read from /proc/self/status. On CUDA the same runs use torch.cuda.max_memory_allocated.
+read from /proc/self/status. The subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves
+tensor-sized blocks with mmap and returns them to the OS when freed; otherwise freed memory stays in the
+heap and the high-water mark measures the allocator's fragmentation rather than live tensors.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,7 +91,8 @@ def _peak_kib():
 def _in_subprocess(k, use_checkpoint):
     code = (f"import json, torch; torch.manual_seed(0); from pulid_lab.bench import lightning_step; "
             f"print(json.dumps(lightning_step({k}, {use_checkpoint})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

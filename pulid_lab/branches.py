@@ -30,21 +30,22 @@ def unet_fn(unet, text_tokens, id_tokens=None, id_scale: float = 1.0, capture: C
 class LightningOutput:
     image_id: torch.Tensor  # (B, 3, 32, 32) x0 with the ID, differentiable
     image_plain: torch.Tensor | None  # (B, 3, 32, 32) x0 without the ID (no gradient)
-    capture_id: Capture
+    capture_id: Capture | None
     capture_plain: Capture | None
 
 
 def lightning_branch(unet, text_tokens, id_tokens, x_T, id_scale: float = 1.0, grad_steps: int | None = None,
                      with_plain: bool = True, steps: int = LIGHTNING_STEPS, use_checkpoint: bool = True,
-                     layers: set[str] | None = None) -> LightningOutput:
+                     layers: set[str] | None = None, capture: bool = True) -> LightningOutput:
     """Run the Lightning sampler from ``x_T`` with the ID (gradients through the last ``grad_steps`` steps)
     and, if ``with_plain``, without it (no gradients: the prompt-only path is the alignment target).
-    ``unet`` must have our processors installed. Captures hold Q and K of every attn2 layer at every step."""
-    cap_id = Capture(layers=layers)
+    ``unet`` must have our processors installed. Captures (``capture=True``) hold Q and K of every attn2 layer
+    at every step — only the alignment loss needs them; without them backprop memory hardly grows with k."""
+    cap_id = Capture(layers=layers) if capture else None
     image_id = lightning_sample(unet_fn(unet, text_tokens, id_tokens, id_scale, cap_id), x_T, steps, grad_steps, use_checkpoint)
     image_plain, cap_plain = None, None
     if with_plain:
-        cap_plain = Capture(layers=layers)
+        cap_plain = Capture(layers=layers) if capture else None
         with torch.no_grad():
             image_plain = lightning_sample(unet_fn(unet, text_tokens, None, 0.0, cap_plain), x_T, steps)
     return LightningOutput(image_id, image_plain, cap_id, cap_plain)

@@ -148,7 +148,7 @@ class PuLIDTrainer:
                 n = cfg.lightning_batch
                 x_T = initial_noise(n, [int(s) for s in rng.integers(2**31, size=n)], dev)
                 lt = lightning_branch(self.base.unet, self.base.encode([NEUTRAL_PROMPT] * n), tokens[:n], x_T,
-                                      grad_steps=cfg.grad_steps, with_plain=False)
+                                      grad_steps=cfg.grad_steps, with_plain=False, capture=False)
                 out["id"] = losses.id_loss(self.phi, self.detector, ref_emb[:n], lt.image_id)
         if cfg.stage == 3:
             n = cfg.lightning_batch
