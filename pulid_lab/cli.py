@@ -71,6 +71,17 @@ def _evaluate(args):
     print(json.dumps(report, indent=None if args.json else 2))
 
 
+def _reproduce(args):
+    from .config import resolve_profile
+    from .reproduce import reproduce
+    profile = resolve_profile(args.profile)
+    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, figures=Path(args.figures))
+    print((Path(args.out) / "table2.md").read_text())
+    print(f"table: {Path(args.out) / 'table2.json'} and table2.md; figures: {Path(args.figures) / 'table2.png'}, "
+          f"{Path(args.figures) / 'id_insertion.png'}")
+    return table
+
+
 def _bench(args):
     from .bench import run
     report = run()
@@ -125,6 +136,16 @@ def main(argv=None):
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("reproduce", help="the paper's Table 2 in the mini world: train and evaluate four rows")
+    r.add_argument("--profile", choices=["smoke", "quick", "paper"], default=None,
+                   help="budget (default: smoke when CI is set, else paper)")
+    r.add_argument("--seeds", type=int, default=1)
+    r.add_argument("--out", default="runs/reproduce")
+    r.add_argument("--figures", default="figures")
+    r.add_argument("--models", default=None)
+    r.add_argument("--device", default=None)
+    r.set_defaults(func=_reproduce)
 
     b = sub.add_parser("bench", help="measured speed and memory ratios of the PuLID core on the mini model")
     b.add_argument("--json", action="store_true")

@@ -90,3 +90,35 @@ def base_samples(model, captions=BASE_SAMPLE_CAPTIONS, seeds=range(6), out=None)
         rows.append(np.concatenate([to_uint8(slow), to_uint8(fast)]))
     titles = [f"50-step s{s}" for s in seeds] + [f"4-step s{s}" for s in seeds]
     return image_grid(np.stack(rows), [c.replace("a portrait, ", "") for c in captions], titles, out=out)
+
+
+def table2(table: dict, out=None):
+    """Three panels (Face Sim, prompt score, purity): one bar per Table 2 row, error bars = std over seeds."""
+    import matplotlib.pyplot as plt
+    from .reproduce import METRICS, ROW_LABELS, ROWS
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    titles = {"face_sim": "Face Sim (phi_eval)", "prompt_score": "prompt score (CLIP-T analog)", "purity": "purity (CLIP-I analog)"}
+    colours = ["#8c8c8c", "#d8a03a", "#c0392b", "#2c7fb8"]
+    for ax, m in zip(axes, METRICS):
+        means = [table["rows"][r][m]["mean"] for r in ROWS]
+        stds = [table["rows"][r][m]["std"] for r in ROWS]
+        ax.bar(range(len(ROWS)), means, yerr=stds, color=colours, capsize=3)
+        ax.set_xticks(range(len(ROWS)), [ROW_LABELS[r].replace(" (", "\n(") for r in ROWS], fontsize=6, rotation=20)
+        ax.set_title(titles[m], fontsize=9)
+    fig.suptitle(f"Table 2 in the mini world ({table.get('profile', '')}, {table.get('seeds', '')} seed(s))", fontsize=10)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def id_insertion(base, adapters: dict, evaluator, tests, n: int = 6, out=None):
+    """Same prompts and noise; columns: reference, without ID, then one column per adapter (row of Table 2)."""
+    from .data import to_uint8
+    from .evaluate import generate
+    pick = np.linspace(0, len(tests.prompts) - 1, n).astype(int)
+    refs, prompts, seeds = tests.references[pick], [tests.prompts[i] for i in pick], [tests.seeds[i] for i in pick]
+    cols = [refs, to_uint8(generate(base, None, refs, prompts, seeds, evaluator))]
+    for adapter in adapters.values():
+        cols.append(to_uint8(generate(base, adapter, refs, prompts, seeds, evaluator)))
+    grid = np.stack(cols, 1)
+    return image_grid(grid, [p.replace("a portrait, ", "") for p in prompts],
+                      ["reference", "without ID"] + list(adapters), scale=1.1, out=out)

@@ -196,3 +196,12 @@ def test_alignment_gradients_are_the_same_with_and_without_checkpointing():
             (losses.align_loss(out.capture_id, out.capture_plain)[0] + out.image_id.mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in adapter.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_capture_keeps_the_first_write_of_a_layer_and_step():
+    """Checkpoint recomputation re-runs the processors in backward; the capture must keep what the loss used."""
+    cap = Capture()
+    first, second = torch.ones(1, 2, 3), torch.zeros(1, 2, 3)
+    cap.record("l", 0, first, first)
+    cap.record("l", 0, second, second)
+    assert cap.q[("l", 0)] is first and cap.keys() == [("l", 0)]

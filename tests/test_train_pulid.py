@@ -89,3 +89,19 @@ def test_evaluate_on_a_tiny_set(smoke_models, bank, tmp_path):
         r = report[scale]
         assert -1 <= r["face_sim"] <= 1 and 0 <= r["prompt_score"] <= 1 and r["n"] == 16
     assert report["id_scale_0"]["purity"] == pytest.approx(1.0, abs=1e-5)  # no ID: identical images
+
+
+def test_reproduce_smoke_writes_table_claims_and_figures(smoke_models, tmp_path):
+    import json
+
+    from pulid_lab.reproduce import ROWS, reproduce
+    models, _ = smoke_models
+    table = reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False, figures=tmp_path / "fig")
+    assert set(table["rows"]) == set(ROWS) and len(table["claims"]) == 5
+    saved = json.loads((tmp_path / "run" / "table2.json").read_text())
+    assert saved["rows"]["stage3"]["face_sim"]["runs"] == table["rows"]["stage3"]["face_sim"]["runs"]
+    assert "0.733" in (tmp_path / "run" / "table2.md").read_text()  # the paper's numbers beside ours
+    assert (tmp_path / "fig" / "table2.png").exists() and (tmp_path / "fig" / "id_insertion.png").exists()
+    before = (tmp_path / "run" / "seed0" / "stage1" / "adapter.safetensors").stat().st_mtime
+    reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False, figures=None)  # resumes: nothing retrained
+    assert (tmp_path / "run" / "seed0" / "stage1" / "adapter.safetensors").stat().st_mtime == before

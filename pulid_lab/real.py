@@ -1,0 +1,325 @@
+"""The real tier (DESIGN.md §Real tier): SDXL / SD1.5 from local weights, insightface antelopev2 from a local
+folder, and the official PuLID v1 encoder shape — driven by the same processors and hooks as the mini world
+(``pulid_lab.attention``).
+
+Nothing here downloads: every loader checks its local files first and raises a ``FileNotFoundError`` that names
+the expected path and where to get it. ``load_pipeline(..., allow_download=True)`` is the one opt-in.
+
+What is tested offline (tests/test_real.py) uses tiny randomly-initialised models of the same classes; the real
+weights (SDXL, SDXL-Lightning, antelopev2, pulid_v1.bin, EVA02-CLIP) have never been loaded by these tests.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .attention import IDAttnSettings, IDProcessors, install
+
+SDXL_HINT = ("stabilityai/stable-diffusion-xl-base-1.0 from the Hugging Face hub "
+             "(e.g. `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`)")
+SD15_HINT = ("an SD1.5 diffusers folder, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 from the Hugging Face hub "
+             "(`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR`)")
+LIGHTNING_HINT = ("ByteDance/SDXL-Lightning sdxl_lightning_4step_unet.safetensors from the Hugging Face hub "
+                  "(`huggingface-cli download ByteDance/SDXL-Lightning sdxl_lightning_4step_unet.safetensors`)")
+ANTELOPE_HINT = ("the antelopev2 model pack of insightface (e.g. the Hugging Face repo DIAMONIK7777/antelopev2, "
+                 "which the official PuLID code uses); unpack it so that the .onnx files lie directly in that folder")
+DETECTOR_FILES = ("scrfd_10g_bnkps.onnx",)
+RECOGNIZER_FILES = ("glintr100.onnx",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_pipeline(base: str | Path, lightning_unet: str | Path | None = None, kind: str = "sdxl", device=None,
+                  dtype=None, allow_download: bool = False):
+    """SDXL (``kind='sdxl'``) or SD1.5 (``'sd15'``) pipeline from a local diffusers folder.
+
+    ``lightning_unet``: a SDXL-Lightning UNet safetensors file (e.g. ``sdxl_lightning_4step_unet.safetensors``)
+    whose weights replace the base UNet's (strict ``load_state_dict``). The scheduler becomes DPM-Solver++ with
+    ``timestep_spacing="trailing"``, as the official PuLID inference. ``dtype`` defaults to float16 on CUDA and
+    float32 elsewhere. With ``allow_download=False`` (the default) nothing is fetched: ``local_files_only=True``.
+    """
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if kind not in ("sdxl", "sd15"):
+        raise ValueError(f"kind must be 'sdxl' or 'sd15', got {kind!r}")
+    hint = SDXL_HINT if kind == "sdxl" else SD15_HINT
+    base_path = Path(base).expanduser()
+    if not allow_download:
+        if not base_path.is_dir():
+            raise FileNotFoundError(f"base model folder {base_path} not found; expected a diffusers pipeline folder "
+                                    f"(with model_index.json): get {hint}")
+        if not (base_path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{base_path / 'model_index.json'} not found: {base_path} is not a diffusers "
+                                    f"pipeline folder; get {hint}")
+    if lightning_unet is not None:
+        lightning_unet = Path(lightning_unet).expanduser()
+        if not lightning_unet.is_file():
+            raise FileNotFoundError(f"Lightning UNet file {lightning_unet} not found; get {LIGHTNING_HINT}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    source = str(base_path) if base_path.is_dir() else str(base)
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(source, torch_dtype=dtype, local_files_only=not allow_download, **extra)
+    if lightning_unet is not None:
+        from safetensors.torch import load_file
+        state = load_file(str(lightning_unet))
+        try:
+            pipe.unet.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{lightning_unet} does not fit the UNet of {base} ({kind}): {e}") from e
+        pipe.unet.to(dtype)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    if hasattr(pipe, "watermark"):
+        pipe.watermark = None  # as the official code
+    return pipe.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# insightface
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_model_pack(root: str | Path, name: str) -> Path:
+    folder = Path(root).expanduser() / "models" / name
+    expected = f"a detection ONNX (e.g. {', '.join(DETECTOR_FILES)}) and a recognition ONNX " \
+               f"(e.g. {', '.join(RECOGNIZER_FILES)})"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"insightface model folder {folder} not found; expected {expected} in it. "
+                                f"Get {ANTELOPE_HINT}. (insightface would try to download it; pulid_lab does not.)")
+    onnx = sorted(p.name for p in folder.glob("*.onnx"))
+    det = [n for n in onnx if n.startswith(("scrfd", "det"))]
+    rec = [n for n in onnx if n.startswith(("glint", "w600k", "arcface", "rec"))]
+    if not det or not rec:
+        raise FileNotFoundError(f"{folder} holds {onnx or 'no .onnx files'}; expected {expected}. Get {ANTELOPE_HINT}.")
+    return folder
+
+
+def load_face_analysis(root: str | Path, name: str = "antelopev2", det_size=(640, 640)):
+    """``insightface.app.FaceAnalysis`` built only from ``root/models/<name>`` (checked first: insightface itself
+    downloads a missing pack), on the CPU execution provider, prepared with ``det_size``.
+
+    ``det_size`` only matters for detectors with a dynamic input size; a detector exported with a static input
+    size keeps its own.
+    """
+    _check_model_pack(root, name)
+    from insightface.app import FaceAnalysis
+    app = FaceAnalysis(name=name, root=str(Path(root).expanduser()), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_size=det_size)
+    return app
+
+
+def reference_face(image: np.ndarray, face_analysis, name: str = "image", save_crop: str | Path | None = None,
+                   bgr: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Detect the reference face: (512-d antelopev2 embedding, aligned 112x112 crop).
+
+    ``image``: uint8 (H, W, 3), **RGB** (as PIL / imageio give it); pass ``bgr=True`` for cv2 images. The crop is
+    returned in the same channel order as the input (``norm_crop`` with the face's 5 keypoints; insightface
+    itself works in BGR). No face -> ``ValueError`` naming the image; several faces -> the largest box (as the
+    official code) and a warning with the count. ``save_crop``: write the crop there as PNG.
+    """
+    from insightface.utils import face_align
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    img_bgr = np.ascontiguousarray(image if bgr else image[:, :, ::-1])
+    faces = face_analysis.get(img_bgr)
+    if len(faces) == 0:
+        raise ValueError(f"no face detected in {name} ({image.shape[1]}x{image.shape[0]}); use a clear, frontal "
+                         f"photo of one person")
+    if len(faces) > 1:
+        warnings.warn(f"{len(faces)} faces detected in {name}; using the largest", stacklevel=2)
+    face = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+    if getattr(face, "embedding", None) is None:
+        raise ValueError(f"{name}: the face analysis returned no embedding (no recognition model loaded?)")
+    if face.kps is None:
+        raise ValueError(f"{name}: the detector returned no keypoints; alignment needs a detector with kps")
+    crop_bgr = face_align.norm_crop(img_bgr, landmark=np.asarray(face.kps), image_size=112)
+    crop = crop_bgr if bgr else np.ascontiguousarray(crop_bgr[:, :, ::-1])
+    if save_crop is not None:
+        from PIL import Image
+        save_crop = Path(save_crop)
+        save_crop.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(crop_bgr[:, :, ::-1])).save(save_crop, format="PNG")
+    return np.asarray(face.embedding, dtype=np.float32), crop
+
+
+def id_vector(antelope_embedding: torch.Tensor, eva_cls: torch.Tensor) -> torch.Tensor:
+    """The official 1280-d ID condition: antelopev2 embedding (as is) ++ L2-normalised EVA02-CLIP-L CLS."""
+    return torch.cat([antelope_embedding, torch.nn.functional.normalize(eva_cls, dim=-1)], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official PuLID v1 ID encoder shape, and its checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class V1EncoderConfig:
+    id_dim: int = 1280  # antelopev2 512 ++ EVA02-CLIP-L CLS 768
+    vit_dim: int = 1024  # EVA02-CLIP-L hidden width
+    token_dim: int = 2048  # SDXL cross_attention_dim
+    n_global: int = 5
+    n_layers: int = 5  # EVA hidden states used (one local token each)
+    hidden: int = 1024  # width of the local MLPs and cap of the global MLP widths
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_global + self.n_layers
+
+
+def _mlp3(din, h1, h2, dout):
+    """Linear, LayerNorm, LeakyReLU, Linear, LayerNorm, LeakyReLU, Linear (indices 0, 1, 3, 4, 6 hold weights)."""
+    return nn.Sequential(nn.Linear(din, h1), nn.LayerNorm(h1), nn.LeakyReLU(), nn.Linear(h1, h2), nn.LayerNorm(h2),
+                         nn.LeakyReLU(), nn.Linear(h2, dout))
+
+
+class V1IDEncoder(nn.Module):
+    """PuLID v1 encoder shape: ``(id_vector (B, 1280), [5 x (B, 577, 1024)]) -> (B, 10, 2048)``.
+
+    - 5 global tokens: an MLP over the ID vector (hidden widths min(token_dim * n_global / 4, hidden) and
+      min(token_dim * n_global / 2, hidden)), reshaped to (n_global, token_dim);
+    - 5 local tokens, one per EVA hidden state: MLP(CLS token) + mean over patches of MLP(patch tokens).
+
+    Parameter names differ from the official ones; ``official_v1_encoder_key`` maps them.
+    """
+
+    def __init__(self, cfg: V1EncoderConfig | None = None):
+        super().__init__()
+        self.cfg = c = cfg or V1EncoderConfig()
+        total = c.token_dim * c.n_global
+        self.global_mlp = _mlp3(c.id_dim, min(total // 4, c.hidden), min(total // 2, c.hidden), total)
+        self.cls_maps = nn.ModuleList(_mlp3(c.vit_dim, c.hidden, c.hidden, c.token_dim) for _ in range(c.n_layers))
+        self.patch_maps = nn.ModuleList(_mlp3(c.vit_dim, c.hidden, c.hidden, c.token_dim) for _ in range(c.n_layers))
+
+    def forward(self, id_vec: torch.Tensor, hidden_states) -> torch.Tensor:
+        c = self.cfg
+        if id_vec.ndim != 2 or id_vec.shape[1] != c.id_dim:
+            raise ValueError(f"id vector must be (B, {c.id_dim}), got {tuple(id_vec.shape)}")
+        if len(hidden_states) != c.n_layers:
+            raise ValueError(f"expected {c.n_layers} hidden states, got {len(hidden_states)}")
+        glob = self.global_mlp(id_vec).view(-1, c.n_global, c.token_dim)
+        local = [cls_map(h[:, :1]) + patch_map(h[:, 1:]).mean(1, keepdim=True)
+                 for h, cls_map, patch_map in zip(hidden_states, self.cls_maps, self.patch_maps)]
+        return torch.cat([glob, *local], 1)
+
+    def uncond(self, id_vec, hidden_states) -> torch.Tensor:
+        """Unconditional tokens, as the official code: the encoder applied to zeros."""
+        return self(torch.zeros_like(id_vec), [torch.zeros_like(h) for h in hidden_states])
+
+
+class RealAdapter(nn.Module):
+    """V1 ID encoder + pulid_lab's ID processors (``id_to_k``/``id_to_v`` in every attn2) for a real UNet."""
+
+    def __init__(self, unet, encoder: V1EncoderConfig | None = None, settings: IDAttnSettings | None = None):
+        super().__init__()
+        cross_dim = unet.config.cross_attention_dim
+        encoder = encoder or V1EncoderConfig(token_dim=cross_dim)
+        if encoder.token_dim != cross_dim:
+            raise ValueError(f"ID tokens must have the UNet's cross_attention_dim {cross_dim}, got {encoder.token_dim}")
+        self.encoder = V1IDEncoder(encoder)
+        self.processors = IDProcessors(unet, id_dim=encoder.token_dim, settings=settings)
+        # the official checkpoint numbers processors by their position in unet.attn_processors (attn1 included)
+        self.processor_names = list(unet.attn_processors)
+
+    def tokens(self, id_vec, hidden_states):
+        return self.encoder(id_vec, hidden_states)
+
+    def uncond_tokens(self, id_vec, hidden_states):
+        return self.encoder.uncond(id_vec, hidden_states)
+
+    def installed(self, unet):
+        return install(unet, self.processors)
+
+
+OFFICIAL_ENCODER_PREFIX = "id_adapter."
+OFFICIAL_ATTN_PREFIX = "id_adapter_attn_layers."
+
+
+def official_v1_encoder_key(key: str) -> str:
+    """Official ``IDEncoder`` key (without ``id_adapter.``) -> ``V1IDEncoder`` key (see ``apply_official_v1``)."""
+    head, _, rest = key.partition(".")
+    if head == "body":
+        return f"global_mlp.{rest}"
+    if head.startswith("mapping_patch_"):
+        return f"patch_maps.{head.removeprefix('mapping_patch_')}.{rest}"
+    if head.startswith("mapping_"):
+        return f"cls_maps.{head.removeprefix('mapping_')}.{rest}"
+    raise KeyError(f"unknown official PuLID v1 encoder key {OFFICIAL_ENCODER_PREFIX}{key}")
+
+
+def load_official_v1(state_dict: dict) -> tuple[dict, dict]:
+    """Split an official PuLID v1 checkpoint (``pulid_v1.bin``) into
+    (encoder state for ``V1IDEncoder``, ``{processor index: {'id_to_k.weight': W, 'id_to_v.weight': W}}``).
+
+    Any key outside ``id_adapter.*`` / ``id_adapter_attn_layers.*`` is an error (a v1.1 checkpoint, for example,
+    has another encoder). See ``apply_official_v1`` for the key table.
+    """
+    encoder, kv = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(OFFICIAL_ATTN_PREFIX):
+            index, _, rest = key[len(OFFICIAL_ATTN_PREFIX):].partition(".")
+            if rest not in ("id_to_k.weight", "id_to_v.weight") or not index.isdigit():
+                raise KeyError(f"unexpected key {key} in the official PuLID v1 attention layers")
+            kv.setdefault(int(index), {})[rest] = value
+        elif key.startswith(OFFICIAL_ENCODER_PREFIX):
+            encoder[official_v1_encoder_key(key[len(OFFICIAL_ENCODER_PREFIX):])] = value
+        else:
+            raise KeyError(f"unexpected key {key}: not an official PuLID v1 checkpoint (expected only "
+                           f"{OFFICIAL_ENCODER_PREFIX}* and {OFFICIAL_ATTN_PREFIX}*)")
+    for index, pair in kv.items():
+        if set(pair) != {"id_to_k.weight", "id_to_v.weight"}:
+            raise KeyError(f"{OFFICIAL_ATTN_PREFIX}{index} has {sorted(pair)}; expected id_to_k.weight and id_to_v.weight")
+    return encoder, kv
+
+
+def apply_official_v1(target, state_dict: dict, unet=None) -> None:
+    """Load an official PuLID v1 checkpoint into ``target``: a ``RealAdapter``, or ``(encoder, processors)``
+    (``V1IDEncoder`` or None, ``IDProcessors``) together with ``unet`` (or its ordered processor names).
+
+    Key mapping (official -> pulid_lab):
+
+    ===================================================  =========================================================
+    official key                                          pulid_lab
+    ===================================================  =========================================================
+    ``id_adapter.body.{i}.*``                             ``encoder.global_mlp.{i}.*``
+    ``id_adapter.mapping_{j}.{i}.*``                      ``encoder.cls_maps.{j}.{i}.*``
+    ``id_adapter.mapping_patch_{j}.{i}.*``                ``encoder.patch_maps.{j}.{i}.*``
+    ``id_adapter_attn_layers.{n}.id_to_k.weight``         ``processors.procs[key(name_n)].id_to_k.weight``
+    ``id_adapter_attn_layers.{n}.id_to_v.weight``         ``processors.procs[key(name_n)].id_to_v.weight``
+    ===================================================  =========================================================
+
+    ``name_n`` is the n-th name of ``unet.attn_processors`` (attn1 *and* attn2 counted: the official code wraps
+    every processor in one ``nn.ModuleList``, and the attn1 ones have no parameters, so only attn2 indices —
+    the odd ones on SDXL — appear); ``key(name)`` replaces '.' by '__'. Every attn2 layer must receive both
+    weights with the right shapes, and the encoder loads with ``strict=True``.
+    """
+    if isinstance(target, RealAdapter):
+        encoder, processors, names = target.encoder, target.processors, target.processor_names
+    else:
+        encoder, processors = target
+        if unet is None:
+            raise ValueError("pass unet= (or its ordered processor names) with (encoder, processors)")
+        names = list(unet) if isinstance(unet, (list, tuple)) else list(unet.attn_processors)
+    encoder_state, kv = load_official_v1(state_dict)
+    if encoder is not None:
+        encoder.load_state_dict(encoder_state, strict=True)
+    expected = {i for i, n in enumerate(names) if n in processors.layer_names}
+    if set(kv) != expected:
+        raise ValueError(f"official attention indices {sorted(kv)} do not match this UNet's attn2 indices "
+                         f"{sorted(expected)} (wrong base model, or another processor order)")
+    for index, pair in kv.items():
+        proc = processors.processor(names[index])
+        for attr in ("id_to_k", "id_to_v"):
+            w, lin = pair[f"{attr}.weight"], getattr(proc, attr)
+            if tuple(w.shape) != tuple(lin.weight.shape):
+                raise ValueError(f"{OFFICIAL_ATTN_PREFIX}{index}.{attr}.weight has shape {tuple(w.shape)}; "
+                                 f"{names[index]} needs {tuple(lin.weight.shape)}")
+            with torch.no_grad():
+                lin.weight.copy_(w)

@@ -1,0 +1,146 @@
+"""`pulid-lab reproduce`: the paper's Table 2 in the mini world — four rows, several seeds, one table.
+
+Rows (each trains the adapter; later stages start from the earlier stage's weights, as in the paper):
+- ``stage1``: L_diff only;
+- ``naive``: Stage 1 + the naive ID loss (phi on x0_hat at the training timestep);
+- ``stage2``: Stage 1 + the Lightning ID loss;
+- ``stage3``: Stage 2 + contrastive alignment (= PuLID).
+Every finished row is saved at once; an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import world
+from .base import load_base
+from .data import render_bank
+from .evaluate import Evaluator, evaluate, test_set
+from .train_pulid import PuLIDTrainer, PuLIDTraining, load_adapter
+
+ROWS = ("stage1", "naive", "stage2", "stage3")
+ROW_LABELS = {"stage1": "Stage 1 (L_diff)", "naive": "+ naive ID loss", "stage2": "+ Lightning ID loss (Stage 2)",
+              "stage3": "+ alignment (Stage 3 = PuLID)"}
+PAPER = {  # DESIGN.md: Face Sim / CLIP-T / CLIP-I on DivID-120
+    "stage1": (0.561, 29.06, 0.736), "naive": (0.652, 27.05, 0.683),
+    "stage2": (0.761, 24.91, 0.624), "stage3": (0.733, 31.31, 0.812),
+}
+METRICS = ("face_sim", "prompt_score", "purity")
+
+
+@dataclass
+class ReproduceProfile:
+    stage1_steps: int
+    stage2_steps: int
+    stage3_steps: int
+    batch: int
+    lightning_batch: int
+    eval_ids: int
+    bank_variants: int
+    checkpoint_every: int = 50
+
+
+REPRODUCE_PROFILES = {
+    "smoke": ReproduceProfile(2, 1, 1, batch=4, lightning_batch=2, eval_ids=2, bank_variants=2, checkpoint_every=1),
+    "quick": ReproduceProfile(300, 120, 120, batch=16, lightning_batch=4, eval_ids=25, bank_variants=8),
+    "paper": ReproduceProfile(600, 250, 250, batch=16, lightning_batch=4, eval_ids=100, bank_variants=24),
+}
+
+
+def row_training(row: str, prof: ReproduceProfile, seed: int, **overrides) -> tuple[PuLIDTraining, str | None]:
+    """(training config, row whose adapter it starts from) for a Table 2 row."""
+    common = dict(batch=prof.batch, lightning_batch=prof.lightning_batch, seed=seed,
+                  checkpoint_every=prof.checkpoint_every, **overrides)
+    if row == "stage1":
+        return PuLIDTraining(stage=1, steps=prof.stage1_steps, **common), None
+    if row == "naive":
+        return PuLIDTraining(stage=2, id_loss="naive", steps=prof.stage2_steps, **common), "stage1"
+    if row == "stage2":
+        return PuLIDTraining(stage=2, id_loss="lightning", steps=prof.stage2_steps, **common), "stage1"
+    if row == "stage3":
+        return PuLIDTraining(stage=3, id_loss="lightning", steps=prof.stage3_steps, **common), "stage2"
+    raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "adapter.safetensors").exists() and (folder / "result.json").exists()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Path | None = None, device=None,
+              progress: bool = True, figures: Path | None = Path("figures"), **overrides) -> dict:
+    """Train and evaluate the four rows for ``seeds`` seeds; write table2.json / table2.md and the figures."""
+    prof = REPRODUCE_PROFILES[profile]
+    out = Path(out)
+    base = load_base(models_dir, device)
+    bank = render_bank(world.TRAIN_IDS, prof.bank_variants, seed=0, progress=progress)
+    tests = test_set(prof.eval_ids)
+    evaluator = Evaluator(models_dir, base.device)
+    results: dict[str, list[dict]] = {r: [] for r in ROWS}
+    for seed in range(seeds):
+        for row in ROWS:
+            folder = out / f"seed{seed}" / row
+            if not _done(folder):
+                cfg, parent = row_training(row, prof, seed, **overrides)
+                init = out / f"seed{seed}" / parent if parent else None
+                trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=init, device=device)
+                trainer.fit(resume=True, progress=progress)
+                metrics = evaluate(base, trainer.adapter, evaluator, tests, id_scales=(1.0,), progress=progress)
+                _write_json(folder / "result.json", {"row": row, "seed": seed, **metrics["id_scale_1"]})
+            results[row].append(json.loads((folder / "result.json").read_text()))
+    table = summarise(results)
+    table["claims"] = claims(table)
+    table["profile"], table["seeds"], table["test_set"] = profile, seeds, {"identities": prof.eval_ids, "rows": len(tests.prompts)}
+    _write_json(out / "table2.json", table)
+    (out / "table2.md").write_text(markdown_table(table))
+    if figures is not None:
+        from . import plots
+        plots.table2(table, out=Path(figures) / "table2.png")
+        adapters = {r: load_adapter(out / "seed0" / r, base.unet).to(base.device) for r in ROWS}
+        plots.id_insertion(base, adapters, evaluator, tests, out=Path(figures) / "id_insertion.png")
+    return table
+
+
+def summarise(results: dict[str, list[dict]]) -> dict:
+    rows = {}
+    for row, runs in results.items():
+        rows[row] = {m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs])),
+                         "runs": [r[m] for r in runs]} for m in METRICS}
+    return {"rows": rows}
+
+
+def claims(table: dict) -> dict:
+    """The paper's Table 2 directions, checked on the means."""
+    m = {r: {k: v["mean"] for k, v in table["rows"][r].items()} for r in ROWS}
+    return {
+        "1_naive_raises_face_sim_over_stage1": m["naive"]["face_sim"] > m["stage1"]["face_sim"],
+        "2_lightning_raises_face_sim_over_naive": m["stage2"]["face_sim"] > m["naive"]["face_sim"],
+        "3_stage2_lowers_prompt_score_and_purity_below_stage1":
+            m["stage2"]["prompt_score"] < m["stage1"]["prompt_score"] and m["stage2"]["purity"] < m["stage1"]["purity"],
+        "4_stage3_restores_prompt_score_and_purity_to_stage1":
+            m["stage3"]["prompt_score"] >= m["stage1"]["prompt_score"] and m["stage3"]["purity"] >= m["stage1"]["purity"],
+        "5_stage3_keeps_90pct_of_stage2_face_sim": m["stage3"]["face_sim"] >= 0.9 * m["stage2"]["face_sim"],
+    }
+
+
+def markdown_table(table: dict) -> str:
+    lines = ["| row | Face Sim (mini) | prompt score (mini) | purity (mini) | Face Sim (paper) | CLIP-T (paper) | CLIP-I (paper) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        r = table["rows"][row]
+        mini = " | ".join(f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" for m in METRICS)
+        paper = " | ".join(str(v) for v in PAPER[row])
+        lines.append(f"| {ROW_LABELS[row]} | {mini} | {paper} |")
+    lines.append("")
+    for claim, held in table.get("claims", {}).items():
+        lines.append(f"- {claim}: {'held' if held else 'did NOT hold'}")
+    return "\n".join(lines) + "\n"
