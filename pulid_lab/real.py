@@ -36,6 +36,15 @@ RECOGNIZER_FILES = ("glintr100.onnx",)
 # diffusers pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
+def _dtype_kwarg() -> str:
+    """diffusers >= 0.36 takes ``dtype=`` (``torch_dtype`` is deprecated); older versions only ``torch_dtype=``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+        return "dtype"
+    except ImportError:
+        return "torch_dtype"
+
+
 def load_pipeline(base: str | Path, lightning_unet: str | Path | None = None, kind: str = "sdxl", device=None,
                   dtype=None, allow_download: bool = False):
     """SDXL (``kind='sdxl'``) or SD1.5 (``'sd15'``) pipeline from a local diffusers folder.
@@ -67,7 +76,7 @@ def load_pipeline(base: str | Path, lightning_unet: str | Path | None = None, ki
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     source = str(base_path) if base_path.is_dir() else str(base)
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(source, torch_dtype=dtype, local_files_only=not allow_download, **extra)
+    pipe = cls.from_pretrained(source, local_files_only=not allow_download, **{_dtype_kwarg(): dtype}, **extra)
     if lightning_unet is not None:
         from safetensors.torch import load_file
         state = load_file(str(lightning_unet))

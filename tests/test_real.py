@@ -1,0 +1,388 @@
+"""The real tier on CPU with tiny randomly-initialised models of the real classes (no downloads, seconds)."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pulid_lab import real
+from pulid_lab.attention import IDProcessors, install
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny diffusers pipelines
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
+
+
+def _text_config(projection_dim=32):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, vocab_size=64, projection_dim=projection_dim)
+
+
+def _unet(kind, seed=0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    common = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    if kind == "sdxl":  # two text encoders of width 32: cross_attention_dim 64; text_time embedding as SDXL
+        return UNet2DConditionModel(**common, attention_head_dim=(2, 4), use_linear_projection=True,
+                                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                                    cross_attention_dim=64)
+    return UNet2DConditionModel(**common, attention_head_dim=8, cross_attention_dim=32)
+
+
+def _save_pipeline(kind, folder, tmp_path):
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8, sample_size=64)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    tok = _tokenizer(tmp_path)
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_text_config()),
+                                         text_encoder_2=CLIPTextModelWithProjection(_text_config()),
+                                         tokenizer=tok, tokenizer_2=tok, unet=_unet("sdxl"), scheduler=sched)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(_text_config()), tokenizer=tok,
+                                       unet=_unet("sd15"), scheduler=sched, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipes")
+    return {kind: _save_pipeline(kind, tmp / kind, tmp) for kind in ("sdxl", "sd15")}
+
+
+def _unet_inputs(unet, kind, b=1):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 4, 16, 16, generator=g)
+    ctx = torch.randn(b, 7, unet.config.cross_attention_dim, generator=g)
+    added = None
+    if kind == "sdxl":
+        added = {"text_embeds": torch.randn(b, 32, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * b)}
+    return x, torch.tensor([500] * b), ctx, added
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_load_pipeline_generates(saved, kind):
+    from diffusers import DPMSolverMultistepScheduler
+    pipe = real.load_pipeline(saved[kind], kind=kind, device="cpu")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.unet.dtype == torch.float32
+    out = pipe("a face", num_inference_steps=2, height=64, width=64, guidance_scale=1.2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    # the same pipeline call with the ID adapter installed: uncond + cond ID tokens (CFG), as the official code
+    ctx = pipe.unet.config.cross_attention_dim
+    adapter = real.RealAdapter(pipe.unet, real.V1EncoderConfig(id_dim=24, vit_dim=16, token_dim=ctx, hidden=16))
+    x, hs = torch.randn(1, 24), [torch.randn(1, 5, 16) for _ in range(5)]
+    with torch.no_grad():
+        tokens = torch.cat([adapter.uncond_tokens(x, hs), adapter.tokens(x, hs)])
+    with adapter.installed(pipe.unet):
+        out_id = pipe("a face", num_inference_steps=2, height=64, width=64, guidance_scale=1.2, output_type="np",
+                      generator=torch.Generator().manual_seed(0),
+                      cross_attention_kwargs={"id_tokens": tokens, "id_scale": 0.8}).images
+    assert out_id.shape == out.shape and np.isfinite(out_id).all()
+
+
+def test_lightning_unet_replaces_weights(saved, tmp_path):
+    from safetensors.torch import save_file
+    other = _unet("sdxl", seed=123)  # stands in for sdxl_lightning_4step_unet.safetensors
+    path = tmp_path / "sdxl_lightning_4step_unet.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    pipe = real.load_pipeline(saved["sdxl"], lightning_unet=path, kind="sdxl", device="cpu")
+    for k, v in other.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[k], v), k
+    # a UNet of another shape is a clear error
+    sd15 = tmp_path / "wrong.safetensors"
+    save_file({k: v.contiguous() for k, v in _unet("sd15").state_dict().items()}, str(sd15))
+    with pytest.raises(ValueError, match="does not fit"):
+        real.load_pipeline(saved["sdxl"], lightning_unet=sd15, kind="sdxl", device="cpu")
+
+
+def test_missing_files_are_clear_errors(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*stabilityai/stable-diffusion-xl-base-1\.0"):
+        real.load_pipeline(tmp_path / "nowhere", kind="sdxl")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        real.load_pipeline(tmp_path, kind="sd15")
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors.*ByteDance/SDXL-Lightning"):
+        real.load_pipeline(saved["sdxl"], lightning_unet=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="kind"):
+        real.load_pipeline(saved["sdxl"], kind="sd3")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_id_processors_at_scale_zero_match_unpatched(saved, kind):
+    pipe = real.load_pipeline(saved[kind], kind=kind, device="cpu")
+    unet = pipe.unet
+    x, t, ctx, added = _unet_inputs(unet, kind)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+        cfg = real.V1EncoderConfig(id_dim=24, vit_dim=16, token_dim=unet.config.cross_attention_dim, hidden=16)
+        adapter = real.RealAdapter(unet, cfg)
+        for p in adapter.processors.parameters():
+            nn.init.normal_(p)  # non-zero projections: only id_scale=0 may silence them
+        tokens = torch.randn(1, 10, unet.config.cross_attention_dim)
+        with adapter.installed(unet):
+            same = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added,
+                        cross_attention_kwargs={"id_tokens": tokens, "id_scale": 0.0}).sample
+            moved = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added,
+                         cross_attention_kwargs={"id_tokens": tokens, "id_scale": 0.8}).sample
+        after = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+    torch.testing.assert_close(same, ref, atol=1e-5, rtol=0)
+    assert (moved - ref).abs().max() > 1e-3
+    torch.testing.assert_close(after, ref, atol=0, rtol=0)  # originals restored
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# official PuLID v1 checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+def _official_encoder_shapes(width, vit, ctx, n_tok=5, hidden=1024):
+    """The official IDEncoder's parameter names and shapes, written out from its description."""
+    h1, h2 = min(ctx * n_tok // 4, hidden), min(ctx * n_tok // 2, hidden)
+    shapes = {}
+
+    def mlp(prefix, dims):
+        for idx, (din, dout) in zip((0, 3, 6), zip(dims[:-1], dims[1:])):
+            shapes[f"{prefix}.{idx}.weight"], shapes[f"{prefix}.{idx}.bias"] = (dout, din), (dout,)
+        for idx, d in zip((1, 4), dims[1:3]):
+            shapes[f"{prefix}.{idx}.weight"], shapes[f"{prefix}.{idx}.bias"] = (d,), (d,)
+
+    mlp("body", (width, h1, h2, ctx * n_tok))
+    for i in range(5):
+        mlp(f"mapping_{i}", (vit, hidden, hidden, ctx))
+        mlp(f"mapping_patch_{i}", (vit, hidden, hidden, ctx))
+    return shapes
+
+
+def _official_hidden_size(unet, name):  # as the official hack_unet_attn_layers computes it
+    boc = unet.config.block_out_channels
+    if name.startswith("mid_block"):
+        return boc[-1]
+    block = int(name[len("up_blocks.")]) if name.startswith("up_blocks") else int(name[len("down_blocks.")])
+    return list(reversed(boc))[block] if name.startswith("up_blocks") else boc[block]
+
+
+def test_v1_encoder_default_shapes_are_official():
+    with torch.device("meta"):
+        enc = real.V1IDEncoder()
+    official = _official_encoder_shapes(1280, 1024, 2048)
+    mine = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert {real.official_v1_encoder_key(k): s for k, s in official.items()} == mine
+    assert enc.cfg.n_tokens == 10
+
+
+def _reference_forward(sd, x, hs, ctx, n_tok=5):
+    """The official forward, written functionally over the official keys."""
+    def mlp(p, h):
+        for i in (0, 3):
+            norm_w, norm_b = sd[f"{p}.{i + 1}.weight"], sd[f"{p}.{i + 1}.bias"]
+            h = F.linear(h, sd[f"{p}.{i}.weight"], sd[f"{p}.{i}.bias"])
+            h = F.leaky_relu(F.layer_norm(h, norm_w.shape, norm_w, norm_b))
+        return F.linear(h, sd[f"{p}.6.weight"], sd[f"{p}.6.bias"])
+    toks = [mlp("body", x).reshape(-1, n_tok, ctx)]
+    for i, h in enumerate(hs):
+        toks.append(mlp(f"mapping_{i}", h[:, :1]) + mlp(f"mapping_patch_{i}", h[:, 1:]).mean(1, keepdim=True))
+    return torch.cat(toks, 1)
+
+
+def test_official_v1_checkpoint_maps_into_adapter(saved):
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(saved["sdxl"], subfolder="unet")
+    ctx = unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    enc_sd = {k: torch.randn(s, generator=g) for k, s in _official_encoder_shapes(24, 16, ctx, hidden=16).items()}
+    state = {f"id_adapter.{k}": v for k, v in enc_sd.items()}
+    names = list(unet.attn_processors)
+    attn2 = {}
+    for i, name in enumerate(names):  # the official ModuleList holds every processor; only attn2 have weights
+        if name.endswith("attn2.processor"):
+            hidden = _official_hidden_size(unet, name)
+            for w in ("id_to_k", "id_to_v"):
+                state[f"id_adapter_attn_layers.{i}.{w}.weight"] = torch.randn(hidden, ctx, generator=g)
+            attn2[i] = name
+    assert attn2 and all(i % 2 == 1 for i in attn2)  # attn1, attn2 alternate
+
+    adapter = real.RealAdapter(unet, real.V1EncoderConfig(id_dim=24, vit_dim=16, token_dim=ctx, hidden=16))
+    real.apply_official_v1(adapter, state)
+    for i, name in attn2.items():
+        proc = adapter.processors.procs[name.replace(".", "__")]
+        assert torch.equal(proc.id_to_k.weight, state[f"id_adapter_attn_layers.{i}.id_to_k.weight"])
+        assert torch.equal(proc.id_to_v.weight, state[f"id_adapter_attn_layers.{i}.id_to_v.weight"])
+    assert len(attn2) == len(adapter.processors.procs)
+
+    x, hs = torch.randn(2, 24), [torch.randn(2, 5, 16) for _ in range(5)]
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.tokens(x, hs), _reference_forward(enc_sd, x, hs, ctx))
+        assert adapter.uncond_tokens(x, hs).shape == (2, 10, ctx)
+
+    # the (encoder, processors) form with the processor order from the UNet
+    procs = IDProcessors(unet, id_dim=ctx)
+    real.apply_official_v1((None, procs), state, unet=unet)
+    name = attn2[min(attn2)]
+    assert torch.equal(procs.processor(name).id_to_k.weight, state[f"id_adapter_attn_layers.{min(attn2)}.id_to_k.weight"])
+
+    # errors: a missing layer, a shifted numbering, a foreign key
+    broken = {k: v for k, v in state.items() if not k.startswith(f"id_adapter_attn_layers.{min(attn2)}.")}
+    with pytest.raises(ValueError, match="do not match"):
+        real.apply_official_v1(adapter, broken)
+    shifted = {(k.replace(f"layers.{min(attn2)}.", f"layers.{min(attn2) - 1}.")): v for k, v in state.items()}
+    with pytest.raises(ValueError, match="do not match"):
+        real.apply_official_v1(adapter, shifted)
+    with pytest.raises(KeyError, match="not an official"):
+        real.apply_official_v1(adapter, {**state, "pulid_encoder.x": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# insightface: a tiny antelopev2-like folder (SCRFD-signature detector with fixed outputs + ArcFace-shaped ONNX)
+# ---------------------------------------------------------------------------------------------------------------
+
+DET = 64  # static detector input size
+# faces of the tiny detector: (stride-8 cell x, y, half-size in strides)
+FACES = [(2, 2, 1.0), (5, 5, 1.5)]
+KPS = np.array([[-0.4, -0.3], [0.4, -0.3], [0.0, 0.05], [-0.3, 0.45], [0.3, 0.45]], np.float32)
+
+
+class _FixedSCRFD(nn.Module):
+    """SCRFD's output signature (scores, boxes, keypoints for strides 8/16/32, 2 anchors per cell), constant."""
+
+    def __init__(self, faces):
+        super().__init__()
+        outs = {}
+        for s in (8, 16, 32):
+            n = 2 * (DET // s) ** 2
+            outs[f"score_{s}"] = torch.full((n, 1), 0.01)
+            outs[f"bbox_{s}"] = torch.ones(n, 4)
+            outs[f"kps_{s}"] = torch.zeros(n, 10)
+        for cx, cy, half in faces:
+            a = 2 * (cy * (DET // 8) + cx)
+            outs["score_8"][a] = 0.9
+            outs["bbox_8"][a] = half
+            outs["kps_8"][a] = torch.from_numpy(KPS.reshape(-1) * 2 * half)
+        self.names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
+        for k, v in outs.items():
+            self.register_buffer(k, v)
+
+    def forward(self, x):
+        z = x.mean() * 0
+        return tuple(getattr(self, n) + z for n in self.names)
+
+
+class _TinyRecognizer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=4)
+        self.fc = nn.Linear(8 * 16, 512)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4).flatten(1))
+
+
+def _export(model, path, size, dynamic):
+    kw = dict(dynamic_axes={"input": {0: "batch"}}) if dynamic else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, 3, size, size),), str(path), input_names=["input"],
+                          opset_version=17, dynamo=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory):
+    pytest.importorskip("insightface")
+    tmp = tmp_path_factory.mktemp("onnx")
+    _export(_TinyRecognizer(), tmp / "glintr100.onnx", 112, dynamic=True)
+    for n, faces in (("none", []), ("one", FACES[1:]), ("two", FACES)):
+        _export(_FixedSCRFD(faces), tmp / f"scrfd_{n}.onnx", DET, dynamic=False)
+    return tmp
+
+
+def _pack(tmp_path, onnx_models, faces):
+    folder = tmp_path / "models" / "antelopev2"
+    folder.mkdir(parents=True)
+    (folder / "glintr100.onnx").write_bytes((onnx_models / "glintr100.onnx").read_bytes())
+    (folder / "scrfd_10g_bnkps.onnx").write_bytes((onnx_models / f"scrfd_{faces}.onnx").read_bytes())
+    return tmp_path
+
+
+def test_face_analysis_missing_folder_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"antelopev2.*scrfd_10g_bnkps\.onnx.*glintr100\.onnx"):
+        real.load_face_analysis(tmp_path)
+    (tmp_path / "models" / "antelopev2").mkdir(parents=True)
+    (tmp_path / "models" / "antelopev2" / "glintr100.onnx").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="detection ONNX"):
+        real.load_face_analysis(tmp_path)
+
+
+def test_recognizer_loads_as_arcface(tmp_path, onnx_models):
+    from insightface.model_zoo import get_model
+    root = _pack(tmp_path, onnx_models, "one")
+    rec = get_model(str(root / "models/antelopev2/glintr100.onnx"), providers=["CPUExecutionProvider"])
+    assert type(rec).__name__ == "ArcFaceONNX"
+    app = real.load_face_analysis(root)
+    assert type(app.models["recognition"]).__name__ == "ArcFaceONNX"
+    assert type(app.models["detection"]).__name__ == "SCRFD"
+
+
+def _image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (DET, DET, 3), dtype=np.uint8)
+
+
+def test_reference_face_one_face(tmp_path, onnx_models):
+    from insightface.utils import face_align
+    app = real.load_face_analysis(_pack(tmp_path, onnx_models, "one"))
+    img = _image()
+    emb, crop = real.reference_face(img, app, name="ref.png", save_crop=tmp_path / "crop.png")
+    cx, cy, half = FACES[1]
+    kps = np.array([cx * 8, cy * 8], np.float32) + KPS * 2 * half * 8
+    expected_bgr = face_align.norm_crop(np.ascontiguousarray(img[:, :, ::-1]), kps, image_size=112)
+    assert emb.shape == (512,) and crop.shape == (112, 112, 3)
+    np.testing.assert_array_equal(crop, expected_bgr[:, :, ::-1])  # RGB in, RGB out
+    np.testing.assert_allclose(emb, app.models["recognition"].get_feat(expected_bgr)[0], rtol=1e-5, atol=1e-5)
+    from PIL import Image
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "crop.png")), crop)
+
+
+def test_reference_face_no_face_and_several(tmp_path, onnx_models):
+    app_none = real.load_face_analysis(_pack(tmp_path / "a", onnx_models, "none"))
+    with pytest.raises(ValueError, match="no face detected in empty.jpg"):
+        real.reference_face(_image(), app_none, name="empty.jpg")
+    app_two = real.load_face_analysis(_pack(tmp_path / "b", onnx_models, "two"))
+    with pytest.warns(UserWarning, match="2 faces detected in group.jpg"):
+        emb, crop = real.reference_face(_image(), app_two, name="group.jpg")
+    one = real.load_face_analysis(_pack(tmp_path / "c", onnx_models, "one"))
+    emb1, crop1 = real.reference_face(_image(), one, name="solo.jpg")  # the largest face alone
+    np.testing.assert_array_equal(crop, crop1)
+    np.testing.assert_allclose(emb, emb1, rtol=1e-5, atol=1e-5)
