@@ -15,16 +15,21 @@ from .identity import FaceAnalysis
 
 
 class PuLIDAdapter(nn.Module):
-    """ID encoder + ID projections. ``tokens(embedding, features)`` -> ID tokens; ``installed(unet)`` patches the UNet."""
+    """ID encoder + ID projections. ``tokens(embedding, features)`` -> ID tokens; ``installed(unet)`` patches the UNet.
 
-    def __init__(self, unet, encoder: IDEncoderConfig | None = None, settings: IDAttnSettings | None = None):
+    ``encoder`` is an ``IDEncoderConfig`` (the mini world's encoder) or any encoder module with ``cfg.token_dim``,
+    ``forward`` and ``uncond`` (the real tier passes its PuLID-v1-shaped encoder).
+    """
+
+    def __init__(self, unet, encoder: IDEncoderConfig | nn.Module | None = None, settings: IDAttnSettings | None = None):
         super().__init__()
         cross_dim = unet.config.cross_attention_dim
-        encoder = encoder or IDEncoderConfig(token_dim=cross_dim)
-        if encoder.token_dim != cross_dim:
-            raise ValueError(f"ID tokens must have the UNet's cross_attention_dim {cross_dim}, got {encoder.token_dim}")
-        self.encoder = IDEncoder(encoder)
-        self.processors = IDProcessors(unet, encoder.token_dim, settings)
+        module = encoder if isinstance(encoder, nn.Module) else IDEncoder(encoder or IDEncoderConfig(token_dim=cross_dim))
+        token_dim = module.cfg.token_dim
+        if token_dim != cross_dim:
+            raise ValueError(f"ID tokens must have the UNet's cross_attention_dim {cross_dim}, got {token_dim}")
+        self.encoder = module
+        self.processors = IDProcessors(unet, token_dim, settings)
 
     @property
     def settings(self) -> IDAttnSettings:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .train_base import BaseTraining
 
 PROFILE_NAMES = ("smoke", "quick", "paper")
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .attention import IDAttnSettings, IDProcessors, install
+from .adapter import PuLIDAdapter
+from .attention import IDAttnSettings
 
 SDXL_HINT = ("stabilityai/stable-diffusion-xl-base-1.0 from the Hugging Face hub "
              "(e.g. `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`)")
@@ -223,28 +225,14 @@ class V1IDEncoder(nn.Module):
         return self(torch.zeros_like(id_vec), [torch.zeros_like(h) for h in hidden_states])
 
 
-class RealAdapter(nn.Module):
+class RealAdapter(PuLIDAdapter):
     """V1 ID encoder + pulid_lab's ID processors (``id_to_k``/``id_to_v`` in every attn2) for a real UNet."""
 
     def __init__(self, unet, encoder: V1EncoderConfig | None = None, settings: IDAttnSettings | None = None):
-        super().__init__()
-        cross_dim = unet.config.cross_attention_dim
-        encoder = encoder or V1EncoderConfig(token_dim=cross_dim)
-        if encoder.token_dim != cross_dim:
-            raise ValueError(f"ID tokens must have the UNet's cross_attention_dim {cross_dim}, got {encoder.token_dim}")
-        self.encoder = V1IDEncoder(encoder)
-        self.processors = IDProcessors(unet, id_dim=encoder.token_dim, settings=settings)
+        encoder = encoder or V1EncoderConfig(token_dim=unet.config.cross_attention_dim)
+        super().__init__(unet, V1IDEncoder(encoder), settings)
         # the official checkpoint numbers processors by their position in unet.attn_processors (attn1 included)
         self.processor_names = list(unet.attn_processors)
-
-    def tokens(self, id_vec, hidden_states):
-        return self.encoder(id_vec, hidden_states)
-
-    def uncond_tokens(self, id_vec, hidden_states):
-        return self.encoder.uncond(id_vec, hidden_states)
-
-    def installed(self, unet):
-        return install(unet, self.processors)
 
 
 OFFICIAL_ENCODER_PREFIX = "id_adapter."
@@ -332,3 +320,146 @@ def apply_official_v1(target, state_dict: dict, unet=None) -> None:
                                  f"{names[index]} needs {tuple(lin.weight.shape)}")
             with torch.no_grad():
                 lin.weight.copy_(w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EVA02-CLIP image features (through open_clip) and the full ID condition
+# ---------------------------------------------------------------------------------------------------------------
+
+EVA_MODEL = "EVA02-L-14-336"
+EVA_HINT = ("the open_clip EVA02-L-14-336 weights (merged2b_s6b_b61k), e.g. `huggingface-cli download "
+            "timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k open_clip_pytorch_model.bin --local-dir DIR` "
+            "(the same model as EVA02_CLIP_L_336_psz14_s6B.pt of QuanSun/EVA-CLIP, which the official PuLID uses)")
+EVA_LAYERS = 5  # hidden states taken at evenly spaced blocks: 4, 8, 12, 16, 20 of EVA02-L's 24
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What the ID condition needs from an image model (EVA02-CLIP-L in the official code).
+
+    ``extractor(crops)`` with crops a float tensor (B, 3, H, W), RGB in [0, 1] (aligned face crops; the extractor
+    resizes and normalises itself) returns ``(cls (B, D), [hidden state (B, N, C)] * n_layers)``. Any module with
+    this call signature fits (the tests plug in a tiny fake ViT).
+    """
+
+    def __call__(self, crops: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+def evenly_spaced_blocks(depth: int, n: int = EVA_LAYERS) -> list[int]:
+    """Indices of the blocks whose *input* is kept: depth 24, n 5 -> [4, 8, 12, 16, 20] (as the official code)."""
+    return [round(depth * (i + 1) / (n + 1)) for i in range(n)]
+
+
+def _require_open_clip():
+    try:
+        import open_clip  # noqa: F401
+    except ImportError as e:
+        raise ImportError("EVA02-CLIP features need open_clip (and timm for the EVA towers): "
+                          "`pip install open_clip_torch timm`") from e
+    return open_clip
+
+
+def _blocks(visual) -> nn.ModuleList:
+    """The transformer blocks of an open_clip visual tower (timm trunk or open_clip's own ViT)."""
+    for path in ("trunk.blocks", "transformer.resblocks", "blocks"):
+        obj = visual
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise TypeError(f"{type(visual).__name__}: no transformer blocks found (expected trunk.blocks, "
+                    f"transformer.resblocks or blocks)")
+
+
+class OpenClipFeatures(nn.Module):
+    """An open_clip visual tower as a ``FeatureExtractor``: (B, 3, H, W) RGB in [0, 1] -> (CLS embedding (B, D),
+    the inputs of ``layers`` blocks (B, 1 + patches, width)). Frozen, eval mode.
+
+    The crops are resized (bicubic) to the tower's input size and normalised with its mean/std. The official code
+    also applies a face-parsing mask (white background, grey face) before EVA-CLIP; that step is not done here.
+    """
+
+    def __init__(self, visual: nn.Module, image_size: int, mean, std, layers: list[int] | None = None):
+        super().__init__()
+        self.visual = visual.eval().requires_grad_(False)
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        blocks = _blocks(visual)
+        self.layers = layers if layers is not None else evenly_spaced_blocks(len(blocks))
+        self._blocks = [blocks[i] for i in self.layers]
+
+    @torch.no_grad()
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if crops.ndim != 4 or crops.shape[1] != 3:
+            raise ValueError(f"expected crops (B, 3, H, W) in [0, 1], got {tuple(crops.shape)}")
+        dtype = next(self.visual.parameters()).dtype
+        x = torch.nn.functional.interpolate(crops.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                                            align_corners=False).clamp(0, 1)
+        x = ((x - self.mean) / self.std).to(dtype)
+        hidden: list[torch.Tensor] = []
+        hooks = [b.register_forward_pre_hook(lambda m, args: hidden.append(args[0])) for b in self._blocks]
+        try:
+            cls = self.visual(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if isinstance(cls, (tuple, list)):
+            cls = cls[0]
+        return cls, hidden
+
+
+def load_eva_clip(path_or_name: str | Path, allow_download: bool = False, model_name: str = EVA_MODEL,
+                  device=None, dtype=None) -> OpenClipFeatures:
+    """The EVA02-CLIP-L-14-336 visual tower (open_clip) as a ``FeatureExtractor``: CLS embedding (B, 768) and the
+    hidden states (B, 577, 1024) entering blocks 4, 8, 12, 16 and 20, as the official PuLID.
+
+    ``path_or_name``: a local open_clip checkpoint file of ``model_name`` (``open_clip_pytorch_model.bin`` or
+    ``.safetensors``). With ``allow_download=True`` a name that is not a file is passed to open_clip as a
+    pretrained tag (e.g. ``'merged2b_s6b_b61k'``) and may download. Not installed -> ``ImportError``; missing
+    file -> ``FileNotFoundError`` naming it and where to get it.
+    """
+    path = Path(path_or_name).expanduser()
+    if not path.is_file() and not allow_download:
+        raise FileNotFoundError(f"EVA02-CLIP checkpoint {path} not found; get {EVA_HINT}. "
+                                f"(Nothing is downloaded unless allow_download=True.)")
+    open_clip = _require_open_clip()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pretrained = str(path) if path.is_file() else str(path_or_name)
+    model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
+    visual = model.visual
+    size = getattr(visual, "image_size", 336)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    feats = OpenClipFeatures(visual, size, mean, std)
+    return feats.to(device=device, dtype=dtype) if dtype is not None else feats.to(device)
+
+
+def crops_to_tensor(crops) -> torch.Tensor:
+    """uint8 RGB crop(s) (H, W, 3) / (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    arr = np.asarray(crops)
+    if arr.ndim == 3:
+        arr = arr[None]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@torch.no_grad()
+def id_condition(image: np.ndarray, face_analysis, extractor: FeatureExtractor, name: str = "image",
+                 device=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reference image (uint8 RGB (H, W, 3)) -> the official ID condition: (id vector (1, 512 + D) = antelopev2
+    embedding ++ normalised CLS, [hidden states (1, N, C)]) — feed both to ``RealAdapter.tokens``."""
+    emb, crop = reference_face(image, face_analysis, name=name)
+    device = torch.device(device) if device is not None else _module_device(extractor)
+    cls, hidden = extractor(crops_to_tensor(crop).to(device))
+    id_vec = id_vector(torch.from_numpy(emb)[None].to(device=device, dtype=torch.float32), cls.float())
+    return id_vec, [h.float() for h in hidden]
+
+
+def _module_device(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")

@@ -1,11 +1,10 @@
-import numpy as np
 import pytest
 import torch
 
 from pulid_lab import vocab, world
 from pulid_lab.base import BaseModelConfig, OriginalModel, initial_noise
 from pulid_lab.data import render_bank
-from pulid_lab.sampling import lightning_sample, make_scheduler, naive_x0, training_scheduler, diffusion_targets
+from pulid_lab.sampling import diffusion_targets, lightning_sample, naive_x0, training_scheduler
 from pulid_lab.text import build_tokenizer, load_text, tokenize
 from pulid_lab.train_base import BaseTraining, train_base
 

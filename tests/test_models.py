@@ -8,7 +8,6 @@ import torch
 from pulid_lab import checkpoints, nets, world
 from pulid_lab.check_models import THRESHOLDS, check_base_model, check_models
 from pulid_lab.config import pretrain_config
-from pulid_lab.data import as_image_batch
 from pulid_lab.identity import (FaceAnalysis, crops_for_insightface, export_recognizer_onnx,
                                 load_insightface_recognizer)
 from pulid_lab.pretrain import pretrain

@@ -9,7 +9,7 @@ from pulid_lab import losses
 from pulid_lab.attention import Capture, IDAttnSettings, IDProcessors, cross_attention_layers, heat_maps, install
 from pulid_lab.adapter import PuLIDAdapter
 from pulid_lab.base import BaseModelConfig, OriginalModel, initial_noise
-from pulid_lab.branches import lightning_branch, unet_fn
+from pulid_lab.branches import lightning_branch
 from pulid_lab.id_encoder import IDEncoder, IDEncoderConfig
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pulid_lab import real
-from pulid_lab.attention import IDProcessors, install
+from pulid_lab.attention import IDProcessors
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -386,3 +386,91 @@ def test_reference_face_no_face_and_several(tmp_path, onnx_models):
     emb1, crop1 = real.reference_face(_image(), one, name="solo.jpg")  # the largest face alone
     np.testing.assert_array_equal(crop, crop1)
     np.testing.assert_allclose(emb, emb1, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image features (EVA02-CLIP through open_clip; a tiny fake ViT here) and the full ID condition
+# ---------------------------------------------------------------------------------------------------------------
+
+class _TinyViT(nn.Module):
+    """Shaped like an open_clip visual tower: ``blocks`` of a ViT, forward -> projected CLS (B, out_dim)."""
+
+    def __init__(self, width=8, depth=10, out_dim=16, patch=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+                                    for _ in range(depth))
+        self.proj = nn.Linear(width, out_dim)
+
+    def tokens(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(len(x), -1, -1), t], 1)
+
+    def forward(self, x):
+        h = self.tokens(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.proj(h[:, 0])
+
+
+def tiny_extractor(size=32):
+    return real.OpenClipFeatures(_TinyViT(), image_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def test_evenly_spaced_blocks_match_official():
+    assert real.evenly_spaced_blocks(24) == [4, 8, 12, 16, 20]  # EVA02-L: the official PuLID's blocks
+    assert len(real.evenly_spaced_blocks(10)) == 5
+
+
+def test_eva_clip_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.bin.*eva02_large_patch14_clip_336"):
+        real.load_eva_clip(tmp_path / "nowhere.bin")
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        ckpt = tmp_path / "open_clip_pytorch_model.bin"
+        ckpt.write_bytes(b"")
+        with pytest.raises(ImportError, match="pip install open_clip_torch"):
+            real.load_eva_clip(ckpt)
+
+
+def test_open_clip_features_hidden_states_are_block_inputs():
+    fx = tiny_extractor()
+    assert isinstance(fx, real.FeatureExtractor)
+    crops = torch.rand(2, 3, 112, 112)
+    cls, hidden = fx(crops)
+    assert cls.shape == (2, 16) and len(hidden) == 5 and all(h.shape == (2, 1 + 16, 8) for h in hidden)
+    # by hand: resize + normalise, run the blocks, keep the inputs of the evenly spaced ones
+    x = F.interpolate(crops, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    h = fx.visual.tokens((x - 0.5) / 0.25)
+    expected = []
+    for i, b in enumerate(fx.visual.blocks):
+        if i in fx.layers:
+            expected.append(h)
+        h = h + b(h)
+    for got, want in zip(hidden, expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(cls, fx.visual.proj(h[:, 0]))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        fx(torch.rand(3, 112, 112))
+
+
+def test_full_condition_path_to_tokens(tmp_path, onnx_models):
+    """reference image -> reference_face (insightface) -> id vector (512 ++ CLS) + 5 hidden states -> tokens."""
+    app = real.load_face_analysis(_pack(tmp_path, onnx_models, "one"))
+    fx = tiny_extractor()
+    img = _image()
+    id_vec, hidden = real.id_condition(img, app, fx, name="ref.png")
+    emb, crop = real.reference_face(img, app)
+    cls, _ = fx(real.crops_to_tensor(crop))
+    assert id_vec.shape == (1, 512 + 16) and len(hidden) == 5 and hidden[0].shape == (1, 17, 8)
+    torch.testing.assert_close(id_vec[:, :512], torch.from_numpy(emb)[None])
+    torch.testing.assert_close(id_vec[:, 512:], F.normalize(cls, dim=-1))
+    from diffusers import UNet2DConditionModel
+    unet = _unet("sd15")
+    adapter = real.RealAdapter(unet, real.V1EncoderConfig(id_dim=512 + 16, vit_dim=8, token_dim=32, hidden=16))
+    tokens = adapter.tokens(id_vec, hidden)
+    assert tokens.shape == (1, 10, 32) and torch.isfinite(tokens).all()
+    assert isinstance(unet, UNet2DConditionModel)

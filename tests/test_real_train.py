@@ -1,0 +1,260 @@
+"""Real-tier training (pulid_lab.real_train) on CPU with tiny randomly-initialised SD1.5/SDXL pipelines, a fake
+face analysis, a tiny fake ViT as the feature extractor and a tiny torch recognizer as phi (seconds)."""
+from __future__ import annotations
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("insightface")
+
+from pulid_lab import real, real_train  # noqa: E402
+from test_real import _save_pipeline, tiny_extractor  # noqa: E402  (the tiny builders of tests/test_real.py)
+
+RES = 32
+
+
+class FakeFaceAnalysis:
+    """insightface-like ``.get(img_bgr)``: one face in the middle of any non-blank image; its 512-d embedding is a
+    fixed random projection of the downsampled image. A blank (all-equal) image has no face."""
+
+    def __init__(self):
+        self.proj = np.random.default_rng(0).standard_normal((48, 512)).astype(np.float32)
+
+    def get(self, img):
+        if img.min() == img.max():
+            return []
+        h, w = img.shape[:2]
+        from PIL import Image
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((4, 4)), np.float32).reshape(-1) / 255
+        kps = np.array([[0.38, 0.4], [0.62, 0.4], [0.5, 0.55], [0.4, 0.7], [0.6, 0.7]], np.float32) * [w, h]
+        return [SimpleNamespace(bbox=np.array([0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h]), kps=kps,
+                                embedding=small @ self.proj)]
+
+
+class TinyPhi(nn.Module):
+    """A differentiable stand-in for an ArcFace network: (B, 3, H, W) in [-1, 1] -> (B, 16)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 16, 16)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4).flatten(1))
+
+
+def _draw(path, bg, skin, size=(48, 40)):
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", size, bg)
+    d = ImageDraw.Draw(im)
+    w, h = size
+    d.ellipse([w * 0.25, h * 0.15, w * 0.75, h * 0.85], fill=skin)
+    d.rectangle([w * 0.38, h * 0.38, w * 0.44, h * 0.44], fill=(20, 20, 20))
+    d.rectangle([w * 0.56, h * 0.38, w * 0.62, h * 0.44], fill=(20, 20, 20))
+    im.save(path)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faces")
+    _draw(folder / "a.png", (200, 40, 40), (230, 190, 160))
+    (folder / "a.txt").write_text("a photo of a man, red background\n")
+    _draw(folder / "b.jpg", (40, 200, 40), (150, 100, 70), size=(40, 48))
+    (folder / "b.txt").write_text("a woman smiling")
+    _draw(folder / "c.png", (40, 40, 200), (250, 220, 200))  # no caption -> default
+    from PIL import Image
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(folder / "blank.png")  # no face -> skipped
+    (folder / "notes.md").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipes")
+    return {kind: _save_pipeline(kind, tmp / kind, tmp) for kind in ("sd15", "sdxl")}
+
+
+def _pipe(saved, kind="sd15"):
+    return real.load_pipeline(saved[kind], kind=kind, device="cpu")
+
+
+def _adapter(pipe, seed=0):
+    torch.manual_seed(seed)
+    ctx = pipe.unet.config.cross_attention_dim
+    return real.RealAdapter(pipe.unet, real.V1EncoderConfig(id_dim=512 + 16, vit_dim=8, token_dim=ctx, hidden=16))
+
+
+@pytest.fixture(scope="module")
+def dataset(faces, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cond_cache")
+    with pytest.warns(UserWarning, match=r"1 of 4 images skipped: blank\.png"):
+        ds = real_train.FaceFolder(faces, FakeFaceAnalysis(), tiny_extractor(), RES, cache_dir=cache)
+    return ds, cache
+
+
+def _frozen_state(pipe, phi=None):
+    mods = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        mods["text_encoder_2"] = pipe.text_encoder_2
+    if phi is not None:
+        mods["phi"] = phi
+    return {f"{m}.{k}": v.detach().clone() for m, mod in mods.items() for k, v in mod.state_dict().items()}
+
+
+def _assert_only_adapter_changed(pipe, before_frozen, adapter, before_adapter, phi=None):
+    after = _frozen_state(pipe, phi)
+    assert after.keys() == before_frozen.keys()
+    assert all(torch.equal(after[k], before_frozen[k]) for k in after), "a frozen model changed"
+    changed = [k for k, v in adapter.state_dict().items() if not torch.equal(v, before_adapter[k])]
+    assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("processors.") for k in changed)
+
+
+def _finite(log):
+    return all(np.isfinite(v) for row in log for k, v in row.items() if k != "step")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_face_folder_items_captions_and_cache(dataset, faces, tmp_path):
+    ds, cache = dataset
+    assert [p.name for p in ds.paths] == ["a.png", "b.jpg", "c.png"]
+    assert ds.captions == ["a photo of a man, red background", "a woman smiling", real_train.DEFAULT_CAPTION]
+    item = ds[1]  # 40x48 portrait: shorter side -> 32, centre crop
+    assert item["pixel_values"].shape == (3, RES, RES)
+    assert -1 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1
+    assert item["original_size"].tolist() == [48, 40] and item["crop_top_left"].tolist() == [(38 - 32) // 2, 0]
+    assert item["id_vec"].shape == (512 + 16,) and len(item["hidden_states"]) == 5
+    assert item["hidden_states"][0].shape == (17, 8)
+    # the condition is the one of the same (full) image, cached on disk: a second dataset does not recompute
+    assert len(list(cache.glob("*.pt"))) == 3
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise AssertionError("the cached condition should have been used")
+    with warnings.catch_warnings():  # blank.png is not cached, but it fails at detection, before the extractor
+        warnings.simplefilter("ignore")
+        ds2 = real_train.FaceFolder(faces, FakeFaceAnalysis(), Boom(), RES, cache_dir=cache)
+    torch.testing.assert_close(ds2[0]["id_vec"], ds[0]["id_vec"])
+    batch = real_train.collate([ds[0], ds[2]])
+    assert batch["pixel_values"].shape == (2, 3, RES, RES) and batch["hidden_states"][4].shape == (2, 17, 8)
+    assert batch["caption"][1] == real_train.DEFAULT_CAPTION
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        real_train.FaceFolder(empty, FakeFaceAnalysis(), Boom(), RES)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        real_train.FaceFolder(empty / "missing", FakeFaceAnalysis(), Boom(), RES)
+
+
+def test_config_and_inputs_are_checked(saved, dataset, tmp_path):
+    with pytest.raises(ValueError, match="stage"):
+        real_train.RealTrainConfig(stage=4)
+    with pytest.raises(ValueError, match="grad_steps"):
+        real_train.RealTrainConfig(grad_steps=5)
+    pipe = _pipe(saved)
+    with pytest.raises(ValueError, match="differentiable torch"):
+        real_train.train_real(real_train.RealTrainConfig(stage=2, steps=1), pipe, _adapter(pipe), dataset[0], tmp_path)
+    # SDXL added_cond_kwargs as diffusers' training scripts
+    added = real_train.sdxl_added_cond(torch.zeros(2, 32), torch.tensor([[48, 40], [32, 32]]),
+                                       torch.tensor([[3, 0], [0, 0]]), (32, 32), torch.float32, "cpu")
+    assert added["time_ids"].tolist() == [[48, 40, 3, 0, 32, 32], [32, 32, 0, 0, 32, 32]]
+    sched = real_train.lightning_scheduler(pipe, 4)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_stage1_two_steps_checkpoint_and_resume(saved, dataset, tmp_path):
+    ds, _ = dataset
+    cfg = real_train.RealTrainConfig(stage=1, steps=2, batch=2, resolution=RES, lr=1e-3, checkpoint_every=1,
+                                     mixed_precision="no")
+    # uninterrupted reference run
+    pipe = _pipe(saved)
+    ref_adapter = _adapter(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = real_train.train_real(cfg, pipe, ref_adapter, ds, tmp_path / "ref", progress=False)
+
+    pipe = _pipe(saved)
+    adapter = _adapter(pipe)
+    frozen, start = _frozen_state(pipe), {k: v.clone() for k, v in adapter.state_dict().items()}
+    ctx = pytest.warns(UserWarning, match="accelerate is not installed")
+    try:
+        import accelerate  # noqa: F401
+        ctx = warnings.catch_warnings()
+    except ImportError:
+        pass
+    with ctx:
+        first = real_train.train_real(cfg, pipe, adapter, ds, tmp_path / "run", progress=False, stop_after=1)
+    assert first["steps_done"] == 1 and len(first["log"]) == 1
+    assert real_train.latest_checkpoint(tmp_path / "run").name == "step-0000001"
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()  # not finished yet
+
+    pipe2 = _pipe(saved)
+    adapter2 = _adapter(pipe2, seed=99)  # resume must overwrite these weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second = real_train.train_real(cfg, pipe2, adapter2, ds, tmp_path / "run", resume=True, progress=False)
+    assert second["resumed_from_step"] == 1 and second["steps_done"] == 2
+    assert [r["step"] for r in second["log"]] == [0, 1] and _finite(second["log"])
+    for a, b in zip(second["log"], ref["log"]):
+        assert a["diff"] == pytest.approx(b["diff"], rel=1e-4, abs=1e-6)
+    for k, v in ref_adapter.state_dict().items():
+        torch.testing.assert_close(adapter2.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    _assert_only_adapter_changed(pipe, frozen, adapter, start)
+    # files: final adapter + json, checkpoints (keep 2), losses.csv; and the adapter loads back
+    out = tmp_path / "run"
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["steps"] == 2 and meta["training"]["stage"] == 1 and meta["encoder"]["id_dim"] == 528
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
+    assert (out / "losses.csv").read_text().count("\n") == 3
+    loaded = real_train.load_real_adapter(out, pipe2.unet)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, adapter2.state_dict()[k].cpu())
+
+
+@pytest.mark.parametrize("kind,stage", [("sd15", 2), ("sd15", 3), ("sdxl", 3)])
+def test_stage_2_and_3_one_step(saved, dataset, tmp_path, kind, stage):
+    ds, _ = dataset
+    pipe = _pipe(saved, kind)
+    adapter = _adapter(pipe)
+    phi = TinyPhi()
+    frozen, start = _frozen_state(pipe, phi), {k: v.clone() for k, v in adapter.state_dict().items()}
+    cfg = real_train.RealTrainConfig(stage=stage, steps=1, batch=2, lightning_batch=1, resolution=RES, lr=1e-3,
+                                     grad_steps=2, gradient_checkpointing=(stage == 3), mixed_precision="no",
+                                     use_accelerate=False, checkpoint_every=1)
+    res = real_train.train_real(cfg, pipe, adapter, ds, tmp_path, face_recognizer=phi, progress=False)
+    row = res["log"][0]
+    assert _finite(res["log"]) and 0 <= row["id"] <= 2
+    if stage == 3:
+        # the two paths share x_T and prompt: they differ only through the ID, from the second step on
+        assert row["align_layout"] > 0 and row["align_sem"] > 0
+        assert row["total"] == pytest.approx(row["diff"] + row["id"] + 0.6 * row["align_sem"] + 0.1 * row["align_layout"],
+                                             rel=1e-4)
+    else:
+        assert "align_sem" not in row
+    _assert_only_adapter_changed(pipe, frozen, adapter, start, phi)
+    assert (tmp_path / "checkpoints" / "step-0000001" / "adapter.safetensors").is_file()
+
+
+def test_id_loss_gradient_reaches_the_encoder(saved, dataset):
+    """L_id alone (through Lightning steps, the VAE decoder and phi) gives the ID encoder a gradient."""
+    ds, _ = dataset
+    pipe = _pipe(saved)
+    adapter = _adapter(pipe)
+    cfg = real_train.RealTrainConfig(stage=2, steps=1, batch=1, resolution=RES, grad_steps=1, mixed_precision="no")
+    step = real_train.RealPuLIDStep(adapter, pipe, cfg, TinyPhi().requires_grad_(False))
+    batch = real_train.collate([ds[0]])
+    with adapter.installed(pipe.unet):
+        terms = step(batch, 0)
+        terms["id"].backward()
+    g = adapter.encoder.global_mlp[0].weight.grad
+    assert g is not None and g.abs().sum() > 0
