@@ -51,7 +51,7 @@ def image_grid(images: np.ndarray, row_titles=None, col_titles=None, scale: floa
             if r == 0 and col_titles is not None:
                 ax.set_title(col_titles[c], fontsize=7)
             if c == 0 and row_titles is not None:
-                ax.set_ylabel(row_titles[r], fontsize=7)
+                ax.set_ylabel(row_titles[r], fontsize=6, rotation=0, ha="right", va="center")
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
     return save(fig, out)
 
@@ -89,7 +89,7 @@ def base_samples(model, captions=BASE_SAMPLE_CAPTIONS, seeds=range(6), out=None)
         fast = model.generate([cap] * len(seeds), seed=seeds, steps=4, solver="lightning")
         rows.append(np.concatenate([to_uint8(slow), to_uint8(fast)]))
     titles = [f"50-step s{s}" for s in seeds] + [f"4-step s{s}" for s in seeds]
-    return image_grid(np.stack(rows), [c.replace("a portrait, ", "") for c in captions], titles, out=out)
+    return image_grid(np.stack(rows), [c.replace("a portrait, ", "").replace(", ", "\n") for c in captions], titles, out=out)
 
 
 def table2(table: dict, out=None):
