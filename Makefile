@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/pulid-lab check-models
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 pretrain: $(STAMP)
 	$(BIN)/pulid-lab pretrain --profile paper --out pulid_lab/shipped --resume

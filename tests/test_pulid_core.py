@@ -147,13 +147,15 @@ def test_diffusion_and_id_losses_against_hand_computation():
 
 @pytest.mark.parametrize("kind", ["mlp", "idformer"])
 def test_id_encoder_shapes_and_unconditional_path(kind):
+    torch.manual_seed(0)
     cfg = IDEncoderConfig(kind=kind, id_dim=16, feature_channels=(4, 8, 12), token_dim=24, width=32, n_global=2, n_queries=5)
     enc = IDEncoder(cfg)
     feats = [torch.randn(2, 4, 32, 32), torch.randn(2, 8, 16, 16), torch.randn(2, 12, 1, 1)]
     tok = enc(torch.randn(2, 16), feats)
     assert tok.shape == (2, cfg.n_tokens, 24)
     u = enc.uncond(torch.randn(2, 16), feats)
-    assert torch.allclose(u[0], u[1]) and not torch.allclose(u, tok)
+    assert torch.allclose(u[0], u[1], atol=1e-5)  # zeros in: the same tokens for every row (up to float noise)
+    assert not torch.allclose(u, tok, atol=1e-3)
     with pytest.raises(ValueError, match="id_embedding"):
         enc(torch.randn(2, 15), feats)
 
