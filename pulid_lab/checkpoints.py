@@ -46,6 +46,15 @@ def git_commit() -> str | None:
         return None
 
 
+def plain_json(d):
+    """Dataclass dicts -> JSON-ready values (tuples become lists, recursively)."""
+    if isinstance(d, dict):
+        return {k: plain_json(v) for k, v in d.items()}
+    if isinstance(d, (tuple, list)):
+        return [plain_json(v) for v in d]
+    return d
+
+
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():

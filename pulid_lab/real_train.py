@@ -47,12 +47,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import losses
 from .attention import Capture, IDAttnSettings
+from .checkpoints import plain_json
 from .real import FeatureExtractor, RealAdapter, V1EncoderConfig, id_condition
+from .sampling import lightning_sample
 
 DEFAULT_CAPTION = "a photo of a person"
 NEUTRAL_PROMPT = "portrait, color, cinematic"  # C_txt of the ID loss, as the paper
@@ -110,10 +111,6 @@ class RealTrainConfig:
         if self.steps < 1 or self.checkpoint_every < 1:
             raise ValueError("steps and checkpoint_every must be >= 1")
         self.align_prompts = tuple(self.align_prompts)
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,35 +394,18 @@ class RealPuLIDStep(nn.Module):
             added = sdxl_added_cond(pooled, (r, r), (0, 0), (r, r), unet.dtype, x_T.device)
         text = text.to(unet.dtype)
         scale = cfg.id_scale if id_tokens is not None else 0.0
-        steps = len(sched.timesteps)
-        x = x_T
-        for i, t in enumerate(sched.timesteps):
-            def one_step(x_in, i=i, t=t):
-                kwargs = {"id_tokens": id_tokens, "id_scale": scale, "capture": capture, "step": i}
-                eps = unet(x_in.to(unet.dtype), t.expand(len(x_in)).to(x_in.device), encoder_hidden_states=text,
-                           added_cond_kwargs=added, cross_attention_kwargs=kwargs).sample
-                return sched.step(eps.float(), t, x_in.float()).prev_sample
-            if i < steps - cfg.grad_steps or not torch.is_grad_enabled():
-                with torch.no_grad():
-                    x = one_step(x)
-            elif cfg.checkpoint_lightning:
-                x = checkpoint(one_step, x, use_reentrant=False)
-            else:
-                x = one_step(x)
-        return x
+
+        def model_fn(x_in, t, i):
+            kwargs = {"id_tokens": id_tokens, "id_scale": scale, "capture": capture, "step": i}
+            return unet(x_in.to(unet.dtype), t, encoder_hidden_states=text, added_cond_kwargs=added,
+                        cross_attention_kwargs=kwargs).sample.float()
+        return lightning_sample(model_fn, x_T.float(), len(sched.timesteps), cfg.grad_steps,
+                                cfg.checkpoint_lightning, scheduler=sched)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-
-def _plain(d):
-    if isinstance(d, dict):
-        return {k: _plain(v) for k, v in d.items()}
-    if isinstance(d, (tuple, list)):
-        return [_plain(v) for v in d]
-    return d
-
 
 def save_adapter_file(folder: Path, adapter: RealAdapter, info: dict, name: str = "adapter") -> Path:
     """``<name>.safetensors`` (fp32) + ``<name>.json`` (encoder config, ID settings, ``info``), atomically."""
@@ -436,9 +416,9 @@ def save_adapter_file(folder: Path, adapter: RealAdapter, info: dict, name: str 
     tmp = folder / f".{name}.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, folder / f"{name}.safetensors")
-    meta = {"encoder": asdict(adapter.encoder.cfg), "settings": asdict(adapter.processors.settings), **_plain(info)}
+    meta = {"encoder": asdict(adapter.encoder.cfg), "settings": asdict(adapter.processors.settings), **plain_json(info)}
     tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(_plain(meta), indent=2) + "\n")
+    tmp.write_text(json.dumps(plain_json(meta), indent=2) + "\n")
     os.replace(tmp, folder / f"{name}.json")
     return folder / f"{name}.safetensors"
 
@@ -517,7 +497,7 @@ def train_real(cfg: RealTrainConfig, pipeline, adapter: RealAdapter, dataset: Da
     """
     from tqdm.auto import tqdm
 
-    from .train_pulid import write_log
+    from .train_pulid import NonFiniteLoss, write_log
 
     if cfg.stage >= 2 and face_recognizer is None:
         raise ValueError("stages 2 and 3 need face_recognizer: a differentiable torch face-embedding module "

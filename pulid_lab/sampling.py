@@ -54,17 +54,20 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, steps: int = 25, solver: str = 
 
 
 def lightning_sample(model_fn: ModelFn, x_T: torch.Tensor, steps: int = LIGHTNING_STEPS, grad_steps: int | None = None,
-                     use_checkpoint: bool = True) -> torch.Tensor:
+                     use_checkpoint: bool = True, scheduler=None) -> torch.Tensor:
     """The Lightning branch: ``steps`` DDIM steps (trailing) from pure noise, differentiable.
 
     Gradients flow through the last ``grad_steps`` steps (default: all); earlier steps run without a graph.
     With ``use_checkpoint`` each step's UNet activations are recomputed in backward (per-step gradient
-    checkpointing), so memory does not grow with the number of steps backpropagated.
+    checkpointing), so memory does not grow with the number of steps backpropagated. ``scheduler``: a DDIM
+    scheduler with ``steps`` timesteps set (default: ours; the real tier passes one built from its pipeline).
     """
     grad_steps = steps if grad_steps is None else grad_steps
     if not 0 <= grad_steps <= steps:
         raise ValueError(f"grad_steps must be in 0..{steps}, got {grad_steps}")
-    sched = make_scheduler("ddim", steps)
+    sched = scheduler if scheduler is not None else make_scheduler("ddim", steps)
+    if len(sched.timesteps) != steps:
+        raise ValueError(f"the scheduler has {len(sched.timesteps)} timesteps set, expected {steps}")
     x = x_T
     for i, t in enumerate(sched.timesteps):
         tt = t.expand(len(x)).to(x.device)

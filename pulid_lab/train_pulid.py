@@ -228,8 +228,8 @@ def write_log(path: Path, log: list[dict]) -> None:
 
 
 def save_adapter(folder: Path, adapter: PuLIDAdapter, cfg: PuLIDTraining, metrics: dict) -> None:
-    config = {"training": _plain(asdict(cfg)), "encoder": _plain(asdict(adapter.encoder.cfg)),
-              "settings": _plain(asdict(adapter.settings))}
+    config = {"training": checkpoints.plain_json(asdict(cfg)), "encoder": checkpoints.plain_json(asdict(adapter.encoder.cfg)),
+              "settings": checkpoints.plain_json(asdict(adapter.settings))}
     checkpoints.save_model(folder, "adapter", "adapter", config, adapter, profile=config["training"].get("profile", "custom"),
                            seed=cfg.seed, metrics=metrics)
 
@@ -245,11 +245,3 @@ def load_adapter(folder: Path, unet) -> PuLIDAdapter:
     adapter = PuLIDAdapter(unet, enc, IDAttnSettings(**entry["config"]["settings"]))
     adapter.load_state_dict(state)
     return adapter.eval()
-
-
-def _plain(d):
-    if isinstance(d, dict):
-        return {k: _plain(v) for k, v in d.items()}
-    if isinstance(d, tuple):
-        return list(d)
-    return d
