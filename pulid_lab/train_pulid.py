@@ -195,7 +195,7 @@ class PuLIDTrainer:
             total = terms["total"]
             if not torch.isfinite(total):
                 raise NonFiniteLoss(f"stage {cfg.stage}: loss became {total.item()} at step {step} "
-                                    f"({ {k: float(v) for k, v in terms.items()} }); the last good checkpoint "
+                                    f"({ {k: float(v.detach()) for k, v in terms.items()} }); the last good checkpoint "
                                     f"is kept at {state_path}. Lower the learning rate (now {cfg.lr}) and --resume.")
             self.opt.zero_grad(set_to_none=True)
             total.backward()
