@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -159,4 +160,5 @@ def pretrain_base(cfg: PretrainConfig, out: Path, bank: Bank, device=None, resum
     state_dir = train_state_dir(out, "base")
     model, stats = train_base(cfg.base, bank, state_dir, device, resume=resume, progress=progress)
     save_base(out, model.cpu(), stats, cfg.profile)
+    shutil.rmtree(state_dir, ignore_errors=True)  # only an unfinished run needs its resume state (~100+ MB)
     return stats

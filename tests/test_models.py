@@ -100,3 +100,9 @@ def test_shipped_models_meet_the_thresholds_on_a_small_sample():
     for name in ("phi_cond", "phi_loss", "phi_eval"):
         assert out[f"{name}_verification"] >= THRESHOLDS["verification"], (name, out)
     assert out["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
+
+
+def test_finished_base_pretrain_leaves_no_resume_state(smoke_models):
+    from pulid_lab.pretrain import train_state_dir
+    out, _ = smoke_models
+    assert not train_state_dir(out, "base").exists()
