@@ -46,7 +46,7 @@ def _colour_matched_verification(model, n_ids, variants, seed):
     impostor = world.colour_matched_factors(ids[rep], donors[rep])
     factors = {k: np.concatenate([genuine[k], genuine[k], impostor[k]]) for k in genuine}
     r = world.render_factors(factors, attrs, seeds)
-    emb = _embed_torch(model, r.images, r.boxes) if model is not None else None
+    emb = _embed_torch(model, r.images, r.boxes)
     n = len(rep)
     a, b, c = emb[:n], emb[n:2 * n], emb[2 * n:]
     scores = torch.cat([cosine(a, b), cosine(a, c)]).numpy()

@@ -300,11 +300,13 @@ class _FixedSCRFD(nn.Module):
 
 
 class _TinyRecognizer(nn.Module):
-    def __init__(self):
+    """A tiny face recognizer: (B, 3, H, W) -> (B, dim); also the differentiable phi of test_real_train."""
+
+    def __init__(self, dim: int = 512, stride: int = 4, seed: int = 0):
         super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=4)
-        self.fc = nn.Linear(8 * 16, 512)
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, stride=stride)
+        self.fc = nn.Linear(8 * 16, dim)
 
     def forward(self, x):
         return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4).flatten(1))

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("insightface")
 
 from pulid_lab import real, real_train  # noqa: E402
-from test_real import _save_pipeline, tiny_extractor  # noqa: E402  (the tiny builders of tests/test_real.py)
+from test_real import _save_pipeline, _TinyRecognizer, tiny_extractor  # noqa: E402  (the tiny builders of tests/test_real.py)
 
 RES = 32
 
@@ -40,17 +39,9 @@ class FakeFaceAnalysis:
                                 embedding=small @ self.proj)]
 
 
-class TinyPhi(nn.Module):
+def TinyPhi() -> nn.Module:
     """A differentiable stand-in for an ArcFace network: (B, 3, H, W) in [-1, 1] -> (B, 16)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = nn.Linear(8 * 16, 16)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4).flatten(1))
+    return _TinyRecognizer(dim=16, stride=2, seed=3)
 
 
 def _draw(path, bg, skin, size=(48, 40)):
