@@ -41,6 +41,12 @@ class PuLIDAdapter(nn.Module):
     def uncond_tokens(self, id_embedding, features):
         return self.encoder.uncond(id_embedding, features)
 
+    def use_settings(self, settings: IDAttnSettings) -> None:
+        """Inference options (num_zero, ortho, ortho_v2) for every ID processor at once."""
+        self.processors.settings = settings
+        for proc in self.processors.procs.values():
+            proc.settings = settings
+
     def installed(self, unet):
         """Context manager: our processors on ``unet`` (ID in attn2, hooks everywhere); originals restored after."""
         return install(unet, self.processors)

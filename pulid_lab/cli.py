@@ -82,6 +82,37 @@ def _reproduce(args):
     return table
 
 
+def _grid(args):
+    import yaml
+    from .grid import GridError, load_grid, run_grid
+    try:
+        grid = load_grid(args.grid, smoke=args.smoke)
+        for item in args.set or []:
+            key, eq, value = item.partition("=")
+            if not eq or key not in grid.notebook_parameters:
+                raise GridError(f"--set {item!r}: expected NAME=VALUE with NAME one of {grid.notebook_parameters}")
+            for params in grid.configs.values():
+                params[key] = yaml.safe_load(value)
+    except GridError as e:
+        sys.exit(f"error: {e}")
+    print(f"{len(grid.configs)} configs of {grid.notebook.name} -> {args.out}/runs/")
+    summary = run_grid(grid, Path(args.out), workers=args.workers, scheduler=args.scheduler)
+    print(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} config(s) failed: see {Path(args.out) / 'failures.json'}; rerun to retry them")
+        sys.exit(1)
+
+
+def _grid_report(args):
+    from .grid import GridError, report
+    try:
+        rep = report(Path(args.out), args.figure, args.table2)
+    except (GridError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(rep["markdown"])
+    print(f"figure: {rep['figure']}; table: {rep['table']}")
+
+
 def _bench(args):
     from .bench import run
     report = run()
@@ -146,6 +177,21 @@ def main(argv=None):
     r.add_argument("--models", default=None)
     r.add_argument("--device", default=None)
     r.set_defaults(func=_reproduce)
+
+    g = sub.add_parser("grid", help="run an ablation grid (papermill, on a local Dask pool or a Dask cluster)")
+    g.add_argument("grid", help="grid YAML (see grids/)")
+    g.add_argument("--out", required=True, help="results folder (rerun with the same --out to resume)")
+    g.add_argument("--workers", type=int, default=1, help="local worker processes (ignored with --scheduler)")
+    g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    g.add_argument("--smoke", action="store_true", help="the grid's smoke variant (seconds per config)")
+    g.add_argument("--set", nargs="+", metavar="NAME=VALUE", help="override a parameter in every config")
+    g.set_defaults(func=_grid)
+
+    gr = sub.add_parser("grid-report", help="Pareto plot and markdown table of a grid's results")
+    gr.add_argument("out", help="the grid's --out folder")
+    gr.add_argument("--figure", default=None, help="where to save the plot (default OUT/pareto.png)")
+    gr.add_argument("--table2", default=None, help="a reproduce table2.json whose rows are marked on the plot")
+    gr.set_defaults(func=_grid_report)
 
     b = sub.add_parser("bench", help="measured speed and memory ratios of the PuLID core on the mini model")
     b.add_argument("--json", action="store_true")

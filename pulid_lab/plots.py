@@ -122,3 +122,28 @@ def id_insertion(base, adapters: dict, evaluator, tests, n: int = 6, out=None):
     grid = np.stack(cols, 1)
     return image_grid(grid, [p.replace("a portrait, ", "") for p in prompts],
                       ["reference", "without ID"] + list(adapters), scale=1.1, out=out)
+
+
+def pareto(rows: list[dict], table2: dict | None = None, out=None, title: str = ""):
+    """Face Sim (x) vs prompt score and vs purity (y), one point per grid config, Pareto front drawn;
+    the rows of a reproduce ``table2.json`` (if given) marked as the paper's rows."""
+    import matplotlib.pyplot as plt
+    from .grid import pareto_front
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, y in zip(axes, ("prompt_score", "purity")):
+        ax.scatter([r["face_sim"] for r in rows], [r[y] for r in rows], s=18, color="#2c7fb8", label="grid configs")
+        for r in rows:
+            ax.annotate(str(r["config"]).replace("__", "\n"), (r["face_sim"], r[y]), fontsize=5, alpha=0.7)
+        front = pareto_front(rows, "face_sim", y)
+        ax.plot([r["face_sim"] for r in front], [r[y] for r in front], "-", color="#c0392b", lw=1, label="Pareto front")
+        if table2:
+            from .reproduce import ROW_LABELS
+            for row, vals in table2["rows"].items():
+                ax.scatter(vals["face_sim"]["mean"], vals[y]["mean"], marker="*", s=90, color="#d8a03a", zorder=3)
+                ax.annotate(ROW_LABELS.get(row, row), (vals["face_sim"]["mean"], vals[y]["mean"]), fontsize=6, color="#8a5a00")
+        ax.set_xlabel("Face Sim (higher = more ID fidelity)")
+        ax.set_ylabel(y.replace("_", " ") + (" (CLIP-T analog)" if y == "prompt_score" else " (CLIP-I analog)"))
+        ax.legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"Ablation grid {title}: ID fidelity vs editability", fontsize=10)
+    fig.tight_layout()
+    return save(fig, out)

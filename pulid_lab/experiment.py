@@ -1,0 +1,151 @@
+"""One experiment = one configuration of the PuLID recipe, trained and evaluated (what a grid cell runs).
+
+An ``Experiment`` names the stage it ends at and the knobs of each stage; ``run_experiment`` trains the chain
+of stages it needs (stage 1 -> 2 -> 3, each starting from the previous one's weights), evaluates the last one
+on the held-out test set, and returns the three metrics. Stages are cached in ``stages_dir`` under a key made
+of everything that shapes them, so the twelve cells of a lambda_sem x lambda_layout grid share one Stage 1 and
+one Stage 2, and a rerun after an interruption resumes the stage it was in.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from . import checkpoints, world
+from .attention import IDAttnSettings
+from .data import render_bank
+from .evaluate import Evaluator, evaluate, test_set
+from .reproduce import REPRODUCE_PROFILES, ReproduceProfile
+from .train_pulid import PuLIDTrainer, PuLIDTraining, load_adapter
+
+ORTHO_MODES = ("off", "ortho", "ortho_v2")
+
+
+@dataclass
+class Experiment:
+    """Every knob a grid may turn. Training knobs act on the stage named in the comment and on later ones."""
+    profile: str = "quick"  # step budgets and test-set size (reproduce.REPRODUCE_PROFILES)
+    stage: int = 3  # the last stage trained (1, 2 or 3)
+    seed: int = 0
+    id_source: str = "same"  # stage 1+: ID reference = the target itself, or another render of it
+    id_loss: str = "lightning"  # stage 2+: lightning | naive
+    grad_steps: int = 4  # stage 2+: Lightning steps backpropagated (k)
+    lambda_id: float = 1.0  # stage 2+
+    lambda_sem: float = 0.6  # stage 3
+    lambda_layout: float = 0.1  # stage 3
+    id_scale: float = 1.0  # inference
+    num_zero: int = 0  # inference: zero tokens appended to the ID tokens
+    ortho: str = "off"  # inference: off | ortho | ortho_v2
+    eval_ids: int = 0  # held-out identities evaluated (x 8 prompts); 0 = the profile's number
+
+    def __post_init__(self):
+        if self.profile not in REPRODUCE_PROFILES:
+            raise ValueError(f"profile must be one of {tuple(REPRODUCE_PROFILES)}, got {self.profile!r}")
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.ortho not in ORTHO_MODES:
+            raise ValueError(f"ortho must be one of {ORTHO_MODES}, got {self.ortho!r}")
+        self.stage_training(self.stage)  # PuLIDTraining validates id_loss, id_source, grad_steps
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Experiment":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown experiment parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+    @property
+    def budget(self) -> ReproduceProfile:
+        return REPRODUCE_PROFILES[self.profile]
+
+    def stage_training(self, stage: int) -> PuLIDTraining:
+        """The training config of one stage of this experiment's chain (only the knobs that stage uses)."""
+        b = self.budget
+        kw = dict(stage=stage, seed=self.seed, id_source=self.id_source, batch=b.batch,
+                  lightning_batch=b.lightning_batch, checkpoint_every=b.checkpoint_every)
+        if stage >= 2:
+            kw.update(id_loss=self.id_loss, grad_steps=self.grad_steps, lambda_id=self.lambda_id)
+        if stage == 3:
+            kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout)
+        kw["steps"] = (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
+        return PuLIDTraining(**kw)
+
+    def settings(self) -> IDAttnSettings:
+        return IDAttnSettings(num_zero=self.num_zero, ortho=self.ortho == "ortho", ortho_v2=self.ortho == "ortho_v2")
+
+
+def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None) -> str:
+    """A short hash of everything that shapes a trained stage: its config, its parent, the models it uses."""
+    folder = Path(models_dir) if models_dir else checkpoints.default_models_dir()
+    manifest = checkpoints.read_manifest(folder)
+    models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
+    blob = json.dumps([checkpoints.plain_json(asdict(cfg)), parent, models], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One process at a time trains a given stage; the others wait, then reuse its result."""
+    import fcntl
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, base=None, device=None,
+                progress: bool = True) -> Path:
+    """Train (or reuse) stages 1..exp.stage; returns the folder of the last stage's adapter."""
+    from .base import load_base
+    stages_dir = Path(stages_dir)
+    base = base or load_base(models_dir, device)
+    bank = None
+    parent_key, parent_dir = None, None
+    for stage in range(1, exp.stage + 1):
+        cfg = exp.stage_training(stage)
+        key = stage_key(cfg, parent_key, models_dir)
+        folder = stages_dir / f"stage{stage}-{key}"
+        with _exclusive(stages_dir / f".stage{stage}-{key}.lock"):
+            if not (folder / "adapter.safetensors").exists():
+                if bank is None:
+                    bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
+                trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=parent_dir, device=device)
+                trainer.fit(resume=True, progress=progress)
+        parent_key, parent_dir = key, folder
+    return parent_dir
+
+
+def run_experiment(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, device=None,
+                   progress: bool = True) -> dict:
+    """Train what ``exp`` needs, evaluate it, return {params, face_sim, prompt_score, purity, n, adapter, seconds}."""
+    from .base import load_base
+    from .device import default_device
+    t0 = time.time()
+    device = default_device(device)
+    base = load_base(models_dir, device)
+    adapter_dir = train_chain(exp, stages_dir, models_dir, base, device, progress)
+    adapter = load_adapter(adapter_dir, base.unet).to(device)
+    adapter.use_settings(exp.settings())
+    tests = test_set(exp.eval_ids or exp.budget.eval_ids)
+    metrics = evaluate(base, adapter, Evaluator(models_dir, device), tests, (exp.id_scale,), progress=progress)
+    return {"params": asdict(exp), **metrics[f"id_scale_{exp.id_scale:g}"], "adapter": str(adapter_dir),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def write_result(path: str | Path, result: dict) -> Path:
+    """Atomically write ``result.json`` (a killed run never leaves a half-written one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(checkpoints.plain_json(result), indent=2))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,95 @@
+"""The papermill grid runner: validation before running, a smoke grid through a Dask LocalCluster, resume,
+failures recorded while the rest go on, and the report."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pulid_lab.grid import GridError, load_grid, pareto_front, read_results, report, run_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "experiment.ipynb"
+
+
+def _write(tmp_path, spec) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("name", ["alignment", "id_loss", "id_source", "inference"])
+def test_shipped_grids_load(name):
+    full, smoke = load_grid(ROOT / "grids" / f"{name}.yaml"), load_grid(ROOT / "grids" / f"{name}.yaml", smoke=True)
+    assert full.notebook == NOTEBOOK and len(smoke.configs) <= len(full.configs)
+    assert all(p["profile"] == "smoke" for p in smoke.configs.values())
+    assert all(p["profile"] == "quick" for p in full.configs.values())
+
+
+def test_axes_are_crossed(tmp_path):
+    g = load_grid(_write(tmp_path, {"notebook": str(NOTEBOOK), "fixed": {"stage": 3},
+                                    "axes": {"lambda_sem": [0.0, 0.6], "lambda_layout": [0.0, 0.1, 0.3]}}))
+    assert len(g.configs) == 6
+    assert {(p["lambda_sem"], p["lambda_layout"]) for p in g.configs.values()} == {(a, b) for a in (0.0, 0.6) for b in (0.0, 0.1, 0.3)}
+    assert all(p["stage"] == 3 for p in g.configs.values())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"notebook": str(NOTEBOOK), "axes": {"lambda_semantic": [0.1]}}, "unknown parameter(s) ['lambda_semantic']"),
+    ({"notebook": "missing.ipynb", "axes": {"stage": [1]}}, "not found"),
+    ({"axes": {"stage": [1]}}, "missing `notebook:`"),
+    ({"notebook": str(NOTEBOOK), "axes": {"stage": [1]}, "configs": [{"stage": 2}]}, "exactly one of"),
+    ({"notebook": str(NOTEBOOK), "axes": {"stage": []}}, "non-empty list"),
+    ({"notebook": str(NOTEBOOK), "configs": [{"name": "a"}, {"name": "a"}]}, "two configs are named"),
+    ({"notebook": str(NOTEBOOK), "axes": {"result_path": ["x"]}}, "set by the runner"),
+    ({"notebook": str(NOTEBOOK), "axis": {"stage": [1]}}, "unknown key(s) ['axis']"),
+    ("notebook: [unclosed\n", "not valid YAML"),
+])
+def test_bad_grid_files_fail_before_running(tmp_path, spec, message):
+    with pytest.raises(GridError) as e:
+        load_grid(_write(tmp_path, spec))
+    assert message in str(e.value)
+
+
+def test_missing_grid_file(tmp_path):
+    with pytest.raises(GridError, match="does not exist"):
+        load_grid(tmp_path / "nope.yaml")
+
+
+def test_pareto_front():
+    rows = [{"config": "a", "x": 0.1, "y": 0.9}, {"config": "b", "x": 0.5, "y": 0.5}, {"config": "c", "x": 0.4, "y": 0.4},
+            {"config": "d", "x": 0.9, "y": 0.1}, {"config": "e", "x": 0.5, "y": 0.5}]
+    assert [r["config"] for r in pareto_front(rows, "x", "y")] == ["a", "b", "e", "d"]
+
+
+def test_smoke_grid_on_a_dask_cluster_resumes_and_records_failures(tmp_path, smoke_models):
+    from dask.distributed import LocalCluster
+    models, _ = smoke_models
+    spec = {"notebook": str(NOTEBOOK), "fixed": {"profile": "smoke", "stage": 3, "eval_ids": 1, "models_dir": str(models)},
+            "configs": [{"lambda_sem": s, "lambda_layout": l} for s in (0.0, 0.6) for l in (0.0, 0.1)]
+            + [{"name": "broken", "ortho": "sideways"}]}
+    grid = load_grid(_write(tmp_path, spec))
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = run_grid(grid, out, scheduler=cluster.scheduler_address, threads_per_config=1, progress=False)
+        assert summary["ran"] == 5 and summary["failed"] == ["broken"]
+        failures = json.loads((out / "failures.json").read_text())
+        assert "ortho must be one of" in failures["broken"]["error"]
+        assert (out / "runs" / "broken" / "notebook.ipynb").exists()  # the partial notebook is kept
+        rows = read_results(out)
+        assert len(rows) == 4 and {r["lambda_sem"] for r in rows} == {0.0, 0.6}
+        for r in rows:
+            assert 0 <= r["prompt_score"] <= 1 and -1 <= r["face_sim"] <= 1 and r["n"] == 8
+        # all four share one Stage 1 and one Stage 2; each trains its own Stage 3 (lambda_sem 0 / lambda_layout 0 alike)
+        stages = sorted(p.name.split("-")[0] for p in (out / "stages").iterdir() if p.is_dir())
+        assert stages == ["stage1", "stage2", "stage3", "stage3", "stage3", "stage3"]
+
+        # resume: finished configs are skipped; a corrupted result and the failed config run again
+        name = next(n for n in grid.configs if n != "broken")
+        (out / "runs" / name / "result.json").write_text("{ half written")
+        again = run_grid(grid, out, scheduler=cluster.scheduler_address, threads_per_config=1, progress=False)
+        assert again["skipped"] == 3 and again["ran"] == 2 and again["failed"] == ["broken"]
+        assert len(read_results(out)) == 4
+
+    rep = report(out)
+    assert Path(rep["figure"]).stat().st_size > 1000 and "lambda_sem" in rep["markdown"]
