@@ -60,7 +60,7 @@ def _foundation(variants: int, scale: float, profile: str, base_steps: int) -> P
 PRETRAIN_PROFILES = {
     "smoke": _foundation(variants=2, scale=0.004, profile="smoke", base_steps=2),
     "quick": _foundation(variants=8, scale=0.25, profile="quick", base_steps=1200),
-    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=5000),
+    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=3000),
 }
 
 
@@ -75,3 +75,23 @@ def resolve_profile(profile: str | None) -> str:
 
 def pretrain_config(profile: str | None = None, **overrides) -> PretrainConfig:
     return replace(PRETRAIN_PROFILES[resolve_profile(profile)], **overrides)
+
+
+@dataclass
+class ReproduceProfile:
+    """Budgets of the PuLID stages (steps, batches) and of the evaluation, per profile."""
+    stage1_steps: int
+    stage2_steps: int
+    stage3_steps: int
+    batch: int
+    lightning_batch: int
+    eval_ids: int
+    bank_variants: int
+    checkpoint_every: int = 50
+
+
+REPRODUCE_PROFILES = {
+    "smoke": ReproduceProfile(2, 1, 1, batch=4, lightning_batch=2, eval_ids=2, bank_variants=2, checkpoint_every=1),
+    "quick": ReproduceProfile(300, 120, 120, batch=16, lightning_batch=4, eval_ids=25, bank_variants=8),
+    "paper": ReproduceProfile(600, 250, 250, batch=16, lightning_batch=4, eval_ids=100, bank_variants=24),
+}

@@ -20,7 +20,7 @@ from . import checkpoints, world
 from .attention import IDAttnSettings
 from .data import render_bank
 from .evaluate import Evaluator, evaluate, test_set
-from .reproduce import REPRODUCE_PROFILES, ReproduceProfile
+from .config import REPRODUCE_PROFILES, ReproduceProfile
 from .train_pulid import PuLIDTrainer, PuLIDTraining, load_adapter
 
 ORTHO_MODES = ("off", "ortho", "ortho_v2")

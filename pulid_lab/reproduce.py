@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import world
 from .base import load_base
-from .data import render_bank
+from .config import REPRODUCE_PROFILES
 from .evaluate import Evaluator, evaluate, test_set
-from .train_pulid import PuLIDTrainer, PuLIDTraining, load_adapter
+from .experiment import Experiment, train_chain
+from .train_pulid import load_adapter
 
 ROWS = ("stage1", "naive", "stage2", "stage3")
 ROW_LABELS = {"stage1": "Stage 1 (L_diff)", "naive": "+ naive ID loss", "stage2": "+ Lightning ID loss (Stage 2)",
@@ -32,45 +31,17 @@ PAPER = {  # DESIGN.md: Face Sim / CLIP-T / CLIP-I on DivID-120
 METRICS = ("face_sim", "prompt_score", "purity")
 
 
-@dataclass
-class ReproduceProfile:
-    stage1_steps: int
-    stage2_steps: int
-    stage3_steps: int
-    batch: int
-    lightning_batch: int
-    eval_ids: int
-    bank_variants: int
-    checkpoint_every: int = 50
-
-
-REPRODUCE_PROFILES = {
-    "smoke": ReproduceProfile(2, 1, 1, batch=4, lightning_batch=2, eval_ids=2, bank_variants=2, checkpoint_every=1),
-    "quick": ReproduceProfile(300, 120, 120, batch=16, lightning_batch=4, eval_ids=25, bank_variants=8),
-    "paper": ReproduceProfile(600, 250, 250, batch=16, lightning_batch=4, eval_ids=100, bank_variants=24),
-}
-
-
-def row_training(row: str, prof: ReproduceProfile, seed: int, **overrides) -> tuple[PuLIDTraining, str | None]:
-    """(training config, row whose adapter it starts from) for a Table 2 row."""
-    common = dict(batch=prof.batch, lightning_batch=prof.lightning_batch, seed=seed,
-                  checkpoint_every=prof.checkpoint_every, **overrides)
-    if row == "stage1":
-        return PuLIDTraining(stage=1, steps=prof.stage1_steps, **common), None
-    if row == "naive":
-        return PuLIDTraining(stage=2, id_loss="naive", steps=prof.stage2_steps, **common), "stage1"
-    if row == "stage2":
-        return PuLIDTraining(stage=2, id_loss="lightning", steps=prof.stage2_steps, **common), "stage1"
-    if row == "stage3":
-        return PuLIDTraining(stage=3, id_loss="lightning", steps=prof.stage3_steps, **common), "stage2"
-    raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
-
-
-def _done(folder: Path) -> bool:
-    return (folder / "adapter.safetensors").exists() and (folder / "result.json").exists()
+def row_experiment(row: str, profile: str, seed: int, **overrides) -> Experiment:
+    """The Experiment of a Table 2 row (its chain of stages shares Stage 1 / Stage 2 with the other rows)."""
+    rows = {"stage1": dict(stage=1), "naive": dict(stage=2, id_loss="naive"), "stage2": dict(stage=2, id_loss="lightning"),
+            "stage3": dict(stage=3, id_loss="lightning")}
+    if row not in rows:
+        raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
+    return Experiment(profile=profile, seed=seed, **{**overrides, **rows[row]})
 
 
 def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -78,34 +49,36 @@ def _write_json(path: Path, obj) -> None:
 
 def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Path | None = None, device=None,
               progress: bool = True, figures: Path | None = Path("figures"), **overrides) -> dict:
-    """Train and evaluate the four rows for ``seeds`` seeds; write table2.json / table2.md and the figures."""
-    prof = REPRODUCE_PROFILES[profile]
+    """Train and evaluate the four rows for ``seeds`` seeds; write table2.json / table2.md and the figures.
+
+    Trained stages live in ``out/stages`` (shared by the rows, and by the notebooks, which default to
+    ``runs/reproduce/stages``); each row's metrics in ``out/seed<k>/<row>/result.json``.
+    """
     out = Path(out)
     base = load_base(models_dir, device)
-    bank = render_bank(world.TRAIN_IDS, prof.bank_variants, seed=0, progress=progress)
-    tests = test_set(prof.eval_ids)
+    tests = test_set(REPRODUCE_PROFILES[profile].eval_ids)
     evaluator = Evaluator(models_dir, base.device)
     results: dict[str, list[dict]] = {r: [] for r in ROWS}
     for seed in range(seeds):
         for row in ROWS:
-            folder = out / f"seed{seed}" / row
-            if not _done(folder):
-                cfg, parent = row_training(row, prof, seed, **overrides)
-                init = out / f"seed{seed}" / parent if parent else None
-                trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=init, device=device)
-                trainer.fit(resume=True, progress=progress)
-                metrics = evaluate(base, trainer.adapter, evaluator, tests, id_scales=(1.0,), progress=progress)
-                _write_json(folder / "result.json", {"row": row, "seed": seed, **metrics["id_scale_1"]})
-            results[row].append(json.loads((folder / "result.json").read_text()))
+            path = out / f"seed{seed}" / row / "result.json"
+            if not path.exists():
+                exp = row_experiment(row, profile, seed, **overrides)
+                adapter_dir = train_chain(exp, out / "stages", models_dir, base, base.device, progress)
+                adapter = load_adapter(adapter_dir, base.unet).to(base.device)
+                metrics = evaluate(base, adapter, evaluator, tests, id_scales=(1.0,), progress=progress)
+                _write_json(path, {"row": row, "seed": seed, "adapter": str(adapter_dir), **metrics["id_scale_1"]})
+            results[row].append(json.loads(path.read_text()))
     table = summarise(results)
     table["claims"] = claims(table)
-    table["profile"], table["seeds"], table["test_set"] = profile, seeds, {"identities": prof.eval_ids, "rows": len(tests.prompts)}
+    table["profile"], table["seeds"], table["test_set"] = profile, seeds, {"identities": REPRODUCE_PROFILES[profile].eval_ids,
+                                                                          "rows": len(tests.prompts)}
     _write_json(out / "table2.json", table)
     (out / "table2.md").write_text(markdown_table(table))
     if figures is not None:
         from . import plots
         plots.table2(table, out=Path(figures) / "table2.png")
-        adapters = {r: load_adapter(out / "seed0" / r, base.unet).to(base.device) for r in ROWS}
+        adapters = {r: load_adapter(Path(results[r][0]["adapter"]), base.unet).to(base.device) for r in ROWS}
         plots.id_insertion(base, adapters, evaluator, tests, out=Path(figures) / "id_insertion.png")
     return table
 

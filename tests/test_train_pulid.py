@@ -102,6 +102,11 @@ def test_reproduce_smoke_writes_table_claims_and_figures(smoke_models, tmp_path)
     assert saved["rows"]["stage3"]["face_sim"]["runs"] == table["rows"]["stage3"]["face_sim"]["runs"]
     assert "0.733" in (tmp_path / "run" / "table2.md").read_text()  # the paper's numbers beside ours
     assert (tmp_path / "fig" / "table2.png").exists() and (tmp_path / "fig" / "id_insertion.png").exists()
-    before = (tmp_path / "run" / "seed0" / "stage1" / "adapter.safetensors").stat().st_mtime
+    # four rows, three trained stages shared along the chain: stage1 -> {naive, stage2 -> stage3}
+    stages = sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "stages").iterdir() if p.is_dir())
+    assert stages == ["stage1", "stage2", "stage2", "stage3"]
+    adapters = {r: json.loads((tmp_path / "run" / "seed0" / r / "result.json").read_text())["adapter"] for r in ROWS}
+    assert len(set(adapters.values())) == 4
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "run" / "stages").glob("*/adapter.safetensors")}
     reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False, figures=None)  # resumes: nothing retrained
-    assert (tmp_path / "run" / "seed0" / "stage1" / "adapter.safetensors").stat().st_mtime == before
+    assert {p: p.stat().st_mtime for p in (tmp_path / "run" / "stages").glob("*/adapter.safetensors")} == stamps

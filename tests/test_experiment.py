@@ -1,0 +1,41 @@
+"""Experiment configs: validation, and which knobs shape which stage (so grids share the stages they can)."""
+import pytest
+
+from pulid_lab.experiment import Experiment, stage_key
+from pulid_lab.lesson import figure_path
+
+
+def test_unknown_and_bad_parameters_are_clear():
+    with pytest.raises(ValueError, match=r"unknown experiment parameter\(s\) \['lambda_semantic'\]"):
+        Experiment.from_params({"lambda_semantic": 0.3})
+    with pytest.raises(ValueError, match="ortho must be one of"):
+        Experiment(ortho="yes")
+    with pytest.raises(ValueError, match="id_loss must be"):
+        Experiment(id_loss="exact")
+    with pytest.raises(ValueError, match="profile must be one of"):
+        Experiment(profile="huge")
+
+
+def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
+    models, _ = smoke_models
+    a, b = Experiment(profile="smoke", lambda_sem=0.0), Experiment(profile="smoke", lambda_sem=0.6)
+
+    def chain(exp):
+        keys, parent = [], None
+        for s in (1, 2, 3):
+            parent = stage_key(exp.stage_training(s), parent, models)
+            keys.append(parent)
+        return keys
+    ka, kb = chain(a), chain(b)
+    assert ka[:2] == kb[:2] and ka[2] != kb[2]  # lambda_sem shapes Stage 3 only
+    kc = chain(Experiment(profile="smoke", id_loss="naive"))
+    assert kc[0] == ka[0] and kc[1] != ka[1] and kc[2] != ka[2]  # the ID loss shapes Stage 2 and what follows
+    kd = chain(Experiment(profile="smoke", id_source="other"))
+    assert len(set(kd) & set(ka)) == 0  # the ID source shapes every stage
+    assert chain(Experiment(profile="smoke", id_scale=0.5, ortho="ortho_v2")) == kb  # inference knobs train nothing
+    assert Experiment(profile="smoke").stage_training(3).lambda_sem == 0.6
+
+
+def test_smoke_runs_never_write_committed_figures():
+    assert figure_path("tour.png", "smoke") is None
+    assert figure_path("tour.png", "quick").parts[-2:] == ("figures", "tour.png")
