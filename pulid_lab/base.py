@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from diffusers import UNet2DConditionModel
 
-from . import text
+from . import text, vocab
 from .sampling import ModelFn, lightning_sample, sample
 
 UNCONDITIONAL = ""  # the empty caption (<bos><eos>) is the unconditional prompt for classifier-free guidance
@@ -56,7 +56,9 @@ class OriginalModel(nn.Module):
         return next(self.unet.parameters()).device
 
     def encode(self, captions: list[str]) -> torch.Tensor:
-        ids = text.tokenize(self.tokenizer, list(captions), self.device)
+        # phrase order carries no meaning in ToyFaces captions; training captions come in the vocabulary's order,
+        # so every caption is put in that order before the tokenizer sees it
+        ids = text.tokenize(self.tokenizer, [vocab.canonical(c) for c in captions], self.device)
         return self.text_encoder(ids).last_hidden_state  # (B, 32, text_hidden)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

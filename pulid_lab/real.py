@@ -5,11 +5,13 @@ folder, and the official PuLID v1 encoder shape — driven by the same processor
 Nothing here downloads: every loader checks its local files first and raises a ``FileNotFoundError`` that names
 the expected path and where to get it. ``load_pipeline(..., allow_download=True)`` is the one opt-in.
 
-What is tested offline (tests/test_real.py) uses tiny randomly-initialised models of the same classes; the real
-weights (SDXL, SDXL-Lightning, antelopev2, pulid_v1.bin, EVA02-CLIP) have never been loaded by these tests.
+What is tested offline (tests/test_real.py, notebook 06 without a GPU) uses tiny randomly-initialised models of the
+same classes (``pulid_lab.real_tiny``); the real weights (SDXL, SDXL-Lightning, antelopev2, pulid_v1.bin, EVA02-CLIP)
+have never been loaded by these tests.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ LIGHTNING_HINT = ("ByteDance/SDXL-Lightning sdxl_lightning_4step_unet.safetensor
                   "(`huggingface-cli download ByteDance/SDXL-Lightning sdxl_lightning_4step_unet.safetensors`)")
 ANTELOPE_HINT = ("the antelopev2 model pack of insightface (e.g. the Hugging Face repo DIAMONIK7777/antelopev2, "
                  "which the official PuLID code uses); unpack it so that the .onnx files lie directly in that folder")
+PULID_V1_HINT = ("pulid_v1.bin of the Hugging Face repo guozinan/PuLID "
+                 "(`huggingface-cli download guozinan/PuLID pulid_v1.bin --local-dir DIR`)")
 DETECTOR_FILES = ("scrfd_10g_bnkps.onnx",)
 RECOGNIZER_FILES = ("glintr100.onnx",)
 
@@ -91,6 +95,40 @@ def load_pipeline(base: str | Path, lightning_unet: str | Path | None = None, ki
     if hasattr(pipe, "watermark"):
         pipe.watermark = None  # as the official code
     return pipe.to(device)
+
+
+DEMO_PROMPTS = ("portrait, color, cinematic", "a person as an astronaut, comic book style, pink background")
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, adapter=None, id_tokens: torch.Tensor | None = None,
+             uncond_tokens: torch.Tensor | None = None, id_scale: float = 0.8, steps: int = 4,
+             guidance_scale: float = 1.2, seed: int = 0, size: int | None = None):
+    """One image (PIL) as the official PuLID inference: ``steps`` steps of the pipeline's scheduler (DPM-Solver++
+    trailing after ``load_pipeline``), CFG ``guidance_scale`` 1.2, ``id_scale`` 0.8, noise from ``seed``.
+
+    With ``adapter`` and ``id_tokens`` (1, N, D): with the ID; under CFG the unconditional half gets
+    ``uncond_tokens`` (``adapter.uncond_tokens``: the encoder applied to zeros, as the official code). Without
+    ``id_tokens``: the same call with the adapter installed at ``id_scale`` 0, which is the original model
+    exactly — so the same ``seed`` gives the same noise with and without the ID. ``size``: image side (default:
+    the UNet's sample size times the VAE scale factor, 1024 for SDXL)."""
+    if id_tokens is not None and adapter is None:
+        raise ValueError("id_tokens need the adapter that made them (adapter=...)")
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cfg = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    kwargs = None
+    if id_tokens is not None:
+        if cfg and uncond_tokens is None:
+            raise ValueError(f"guidance_scale {guidance_scale} runs CFG: pass uncond_tokens "
+                             f"(adapter.uncond_tokens(...)) for its unconditional half")
+        tokens = torch.cat([uncond_tokens, id_tokens]) if cfg else id_tokens
+        kwargs = {"id_tokens": tokens, "id_scale": id_scale}
+    elif adapter is not None:
+        kwargs = {"id_tokens": None, "id_scale": 0.0}
+    installed = adapter.installed(pipe.unet) if adapter is not None else contextlib.nullcontext()
+    with installed:
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
+                    generator=torch.Generator(pipe.device).manual_seed(seed), cross_attention_kwargs=kwargs).images[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,6 +198,58 @@ def reference_face(image: np.ndarray, face_analysis, name: str = "image", save_c
         save_crop.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(crop_bgr[:, :, ::-1])).save(save_crop, format="PNG")
     return np.asarray(face.embedding, dtype=np.float32), crop
+
+
+def face_similarity(image, reference_embedding: np.ndarray, face_analysis, name: str = "image") -> float | None:
+    """Cosine of the antelopev2 embedding of the (largest) face in ``image`` (PIL or uint8 RGB) and
+    ``reference_embedding``; None when no face is detected. The paper's Face Sim, with antelopev2 as the judge
+    (the model that also made the condition: an optimistic judge)."""
+    try:
+        emb, _ = reference_face(np.asarray(image), face_analysis, name=name)
+    except ValueError:
+        return None
+    ref = np.asarray(reference_embedding, np.float32)
+    return float(np.dot(emb, ref) / (np.linalg.norm(emb) * np.linalg.norm(ref) + 1e-12))
+
+
+def insightface_image(name: str = "Tom_Hanks_54745.png") -> Path:
+    """A photo that ships with insightface (``Tom_Hanks_54745.png``: one face; ``t1.jpg``: a group of six)."""
+    import insightface
+    path = Path(insightface.__file__).parent / "data" / "images" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (this insightface ships "
+                                f"{sorted(p.name for p in path.parent.glob('*'))})")
+    return path
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def pad_image(image: np.ndarray, factor: float = 3.0) -> np.ndarray:
+    """``image`` (uint8 (H, W, 3)) centred on a canvas ``factor`` times its size, filled with its mean border colour.
+
+    A face that fills the whole frame (an aligned 112x112 crop, a tight portrait) is often missed by insightface's
+    detector; with context around it, it is found (the usual workaround)."""
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).mean(0)
+    H, W = int(round(h * factor)), int(round(w * factor))
+    canvas = np.empty((H, W, 3), np.uint8)
+    canvas[:] = border.round().astype(np.uint8)
+    top, left = (H - h) // 2, (W - w) // 2
+    canvas[top:top + h, left:left + w] = image
+    return canvas
+
+
+def default_reference() -> tuple[Path, np.ndarray]:
+    """(path, image) of the reference photo used when none is given: insightface's ``Tom_Hanks_54745.png``, an
+    aligned 112x112 crop, padded to 336x336 (``pad_image``) so that the detector finds the face."""
+    path = insightface_image()
+    return path, pad_image(read_image(path))
 
 
 def id_vector(antelope_embedding: torch.Tensor, eva_cls: torch.Tensor) -> torch.Tensor:
@@ -322,6 +412,38 @@ def apply_official_v1(target, state_dict: dict, unet=None) -> None:
                 lin.weight.copy_(w)
 
 
+def official_v1_state_dict(adapter: RealAdapter) -> dict:
+    """The inverse of ``apply_official_v1``: ``adapter``'s weights under the official PuLID v1 key names
+    (``id_adapter.*``, ``id_adapter_attn_layers.{n}.id_to_k/v.weight``), e.g. to save a trained adapter for the
+    official inference code (``torch.save(state, 'pulid_v1.bin')``)."""
+    inverse = {"global_mlp": "body", "cls_maps": "mapping_", "patch_maps": "mapping_patch_"}
+    state = {}
+    for key, value in adapter.encoder.state_dict().items():
+        head, _, rest = key.partition(".")
+        if head == "global_mlp":
+            state[f"{OFFICIAL_ENCODER_PREFIX}body.{rest}"] = value.detach().clone()
+        else:
+            index, _, rest = rest.partition(".")
+            state[f"{OFFICIAL_ENCODER_PREFIX}{inverse[head]}{index}.{rest}"] = value.detach().clone()
+    for n, name in enumerate(adapter.processor_names):
+        if name in adapter.processors.layer_names:
+            proc = adapter.processors.processor(name)
+            for attr in ("id_to_k", "id_to_v"):
+                state[f"{OFFICIAL_ATTN_PREFIX}{n}.{attr}.weight"] = getattr(proc, attr).weight.detach().clone()
+    return state
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A state dict from ``.safetensors`` or a torch pickle (``pulid_v1.bin``; ``weights_only=True``), on the CPU."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; for the official PuLID v1 weights get {PULID_V1_HINT}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # EVA02-CLIP image features (through open_clip) and the full ID condition
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +465,21 @@ class FeatureExtractor(Protocol):
     """
 
     def __call__(self, crops: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+class ZeroFeatures(nn.Module):
+    """A ``FeatureExtractor`` with EVA02-CLIP-L's output shapes (CLS (B, 768), 5 x (B, 577, 1024)) and no
+    information: zeros. Stands in when no EVA checkpoint is at hand: the official encoder shape still runs, for
+    shapes, memory and timing — not for fidelity (the ID vector keeps antelopev2's 512-d part)."""
+
+    def __init__(self, cls_dim: int = 768, tokens: int = 577, width: int = 1024, n_layers: int = EVA_LAYERS):
+        super().__init__()
+        self.cls_dim, self.tokens, self.width, self.n_layers = cls_dim, tokens, width, n_layers
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b, dev = len(crops), crops.device
+        return (torch.zeros(b, self.cls_dim, device=dev),
+                [torch.zeros(b, self.tokens, self.width, device=dev) for _ in range(self.n_layers)])
 
 
 def evenly_spaced_blocks(depth: int, n: int = EVA_LAYERS) -> list[int]:
@@ -463,3 +600,86 @@ def _module_device(module) -> torch.device:
         return next(module.parameters()).device
     except (AttributeError, StopIteration):
         return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures (notebook 06)
+# ---------------------------------------------------------------------------------------------------------------
+
+def short_layer(name: str) -> str:
+    """``down_blocks.2.attentions.1.transformer_blocks.7.attn2`` -> ``down2.a1.t7`` (``mid.a0.t3``, ``up0.a2.t9``)."""
+    parts = name.removesuffix(".processor").removesuffix(".attn2").split(".")
+    out = []
+    for i, p in enumerate(parts):
+        if p in ("down_blocks", "up_blocks"):
+            out.append(p.split("_")[0] + parts[i + 1])
+        elif p == "mid_block":
+            out.append("mid")
+        elif p == "attentions":
+            out.append(f"a{parts[i + 1]}")
+        elif p == "transformer_blocks":
+            out.append(f"t{parts[i + 1]}")
+    return ".".join(out) or name
+
+
+def plot_images(images, titles=None, out=None, scale: float = 2.4, suptitle: str = ""):
+    """A row of images (PIL or uint8 (H, W, 3), any sizes) with titles; saved to ``out`` when given."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save
+    fig, axes = plt.subplots(1, len(images), figsize=(scale * len(images), scale + 0.4), squeeze=False)
+    for i, (ax, im) in enumerate(zip(axes[0], images)):
+        ax.imshow(np.asarray(im))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def plot_align_layers(terms, out=None, title: str = ""):
+    """The alignment terms of ``alignment_maps.loss_terms`` (layers x sampler steps) as two heat maps, semantic
+    and layout, layers in UNet order (labels ``short_layer``); the titles carry the sums (= L_align_sem and
+    L_align_layout)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save
+    n = len(terms.layers)
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 1.2 + 0.16 * max(n, 8)), squeeze=False)
+    for ax, attr, name in zip(axes[0], ("semantic", "layout"), ("L_align_sem", "L_align_layout")):
+        v = getattr(terms, attr)
+        im = ax.imshow(v, cmap="Reds", vmin=0, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(terms.steps)), [f"step {s}" for s in terms.steps], fontsize=7)
+        ax.set_yticks(range(n), [short_layer(la) for la in terms.layers], fontsize=6 if n > 20 else 7)
+        ax.set_title(f"{name} = {v.sum():.3g}", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def format_align_layers(terms, top: int | None = None) -> str:
+    """A table of the alignment terms per layer (summed over steps), in UNet order, or the ``top`` layers by the
+    semantic term."""
+    rows = list(zip(terms.layers, terms.semantic.sum(1), terms.layout.sum(1), terms.semantic[:, 0], terms.layout[:, 0]))
+    if top is not None and len(rows) > top:
+        rows = sorted(rows, key=lambda r: -r[1])[:top]
+    lines = [f"{'layer':14s} {'positions':>9s} {'sem':>9s} {'layout':>9s} {'sem@0':>9s} {'layout@0':>9s}"]
+    for la, s, lay, s0, l0 in rows:
+        lines.append(f"{short_layer(la):14s} {terms.sizes[la]:9d} {s:9.4f} {lay:9.4f} {s0:9.4f} {l0:9.4f}")
+    return "\n".join(lines)
+
+
+def quiet() -> None:
+    """Notebook output: no diffusers/transformers progress bars or info logs, no skimage deprecation warning from
+    insightface's alignment."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=r".*`estimate` is deprecated", category=FutureWarning)

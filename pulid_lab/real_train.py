@@ -403,6 +403,56 @@ class RealPuLIDStep(nn.Module):
                                 cfg.checkpoint_lightning, scheduler=sched)
 
 
+@dataclass
+class LightningPaths:
+    """The training Lightning branch run twice from the same x_T and prompt: with the ID and without it."""
+    prompt: str
+    cap_id: Capture  # Q (B, N_img, C) and K (B, N_txt, C) of every attn2 layer at every step, with the ID
+    cap_plain: Capture  # the same without the ID
+    latents_id: torch.Tensor  # x_0 latents
+    latents_plain: torch.Tensor
+
+
+@torch.no_grad()
+def lightning_paths(pipeline, adapter: RealAdapter, id_tokens: torch.Tensor, prompt: str, resolution: int,
+                    seed: int = 0, id_scale: float = 1.0, steps: int = 4) -> LightningPaths:
+    """What ``L_align`` compares, without training: ``RealPuLIDStep.lightning`` (``steps`` trailing DDIM steps, the
+    sampler of the training branch; no CFG) from one x_T (``seed``) for ``prompt``, once with ``id_tokens``
+    (1, N, D) and once without, with a ``Capture`` on every attn2 layer. Installs ``adapter`` itself; bf16
+    autocast on CUDA, as training. ``alignment_maps.loss_terms(p.cap_id, p.cap_plain)`` breaks the losses down
+    per layer and step."""
+    device = id_tokens.device
+    cfg = RealTrainConfig(resolution=resolution, id_scale=id_scale, lightning_steps=steps, use_accelerate=False)
+    step = RealPuLIDStep(adapter, pipeline, cfg)
+    text, pooled = encode_text(pipeline, [prompt], device)
+    side = resolution // vae_scale_factor(pipeline.vae)
+    x_T = torch.randn(1, pipeline.unet.config.in_channels, side, side,
+                      generator=torch.Generator().manual_seed(seed)).to(device)
+    cap_id, cap_plain = Capture(), Capture()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    with adapter.installed(pipeline.unet), autocast:
+        latents_id = step.lightning(text, pooled, id_tokens, x_T, cap_id)
+        latents_plain = step.lightning(text, pooled, None, x_T, cap_plain)
+    return LightningPaths(prompt, cap_id, cap_plain, latents_id, latents_plain)
+
+
+@torch.no_grad()
+def to_images(pipeline, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 RGB (B, H, W, 3) through the pipeline's VAE (a float16 VAE that asks to upcast, as SDXL's,
+    decodes in float32 and is put back)."""
+    vae = pipeline.vae
+    dtype = vae.dtype
+    upcast = getattr(vae.config, "force_upcast", False) and dtype == torch.float16
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        x = decode(vae, latents.to(vae.dtype)).float().clamp(-1, 1)
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------

@@ -109,3 +109,12 @@ def parse(text: str) -> dict[str, str | None]:
             )
         values[attribute] = value
     return values
+
+
+def canonical(text: str) -> str:
+    """The caption with its phrases in the vocabulary's order (what the text encoder was trained on);
+    the empty caption stays empty. ``canonical("a portrait, sketch, blue background") ==
+    "a portrait, blue background, sketch"``."""
+    if not text.strip():
+        return text
+    return caption(parse(text))

@@ -9,7 +9,7 @@ Environment variables (paths on the GPU machine):
   EVA_CLIP         open_clip EVA02-L-14-336 checkpoint (open_clip_pytorch_model.bin); needs open_clip_torch optional
                    (without it the EVA part of the condition is zeros: shapes and timings only)
   PULID_V1         the official pulid_v1.bin (needs EVA_CLIP to be meaningful)                             optional
-  FACE_IMAGE       reference photo (default: insightface's bundled Tom_Hanks_54745.png)                    optional
+  FACE_IMAGE       reference photo (default: insightface's bundled Tom_Hanks_54745.png, padded)            optional
   FACE_DIR         tiny folder of face photos (+ .txt captions) for a 3-step stage-1 training smoke        optional
   OUT              output folder (default ./gpu_check_out)                                                 optional
 
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REQUIRED = ("SDXL_DIR", "LIGHTNING_UNET", "ANTELOPEV2_ROOT")
-PROMPTS = ("portrait, color, cinematic", "a person as an astronaut, comic book style, pink background")
 
 
 def parse(argv=None):
@@ -107,12 +106,11 @@ def main(argv=None):
         return 0
     t_start = time.time()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import numpy as np
     import torch
     from PIL import Image
 
     from pulid_lab import losses, real, real_train
-    from pulid_lab.attention import Capture
+    from pulid_lab.real_tiny import TinyRecognizer
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         fail("no CUDA device (pass --allow-cpu to try anyway)")
@@ -122,8 +120,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     phase = Phases()
     report = phase.report
+    prompts = real.DEMO_PROMPTS
     report.update(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, resolution=args.resolution, id_scale=args.id_scale, prompts=PROMPTS)
+                  torch=torch.__version__, resolution=args.resolution, id_scale=args.id_scale, prompts=prompts)
     res = args.resolution
 
     with phase("load_pipeline"):
@@ -136,33 +135,22 @@ def main(argv=None):
             extractor = real.load_eva_clip(env["EVA_CLIP"], device=device)
             report["eva_clip"] = env["EVA_CLIP"]
         else:
-            class ZeroEVA(torch.nn.Module):  # right shapes, no information
-                def forward(self, crops):
-                    b = len(crops)
-                    return (torch.zeros(b, 768, device=crops.device),
-                            [torch.zeros(b, 577, 1024, device=crops.device) for _ in range(5)])
-            extractor = ZeroEVA()
+            extractor = real.ZeroFeatures()  # right shapes, no information
             report["eva_clip"] = None
             print("[gpu_check] EVA_CLIP not set: the EVA part of the ID condition is zeros", flush=True)
     with phase("adapter"):
         adapter = real.RealAdapter(pipe.unet).to(device)
         if env["PULID_V1"]:
-            path = Path(env["PULID_V1"])
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            real.apply_official_v1(adapter, state)
+            real.apply_official_v1(adapter, real.read_checkpoint(env["PULID_V1"]))
         report["pulid_v1"] = env["PULID_V1"]
         adapter.eval()
 
     with phase("reference_face"):
-        ref_path = Path(env["FACE_IMAGE"]) if env["FACE_IMAGE"] else None
-        if ref_path is None:
-            import insightface
-            ref_path = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"
-        ref = np.asarray(Image.open(ref_path).convert("RGB"))
+        if env["FACE_IMAGE"]:
+            ref_path = Path(env["FACE_IMAGE"])
+            ref = real.read_image(ref_path)
+        else:  # insightface's Tom_Hanks_54745.png, padded so that the detector finds the face
+            ref_path, ref = real.default_reference()
         ref_emb, crop = real.reference_face(ref, app, name=ref_path.name)
         id_vec, hidden = real.id_condition(ref, app, extractor, name=ref_path.name, device=device)
         with torch.no_grad():
@@ -172,45 +160,28 @@ def main(argv=None):
 
     images = {}
     with phase("generate_4step"):
-        with adapter.installed(pipe.unet), torch.no_grad():
-            for i, prompt in enumerate(PROMPTS):
-                for with_id in (False, True):
-                    kwargs = {"id_tokens": torch.cat([uncond, cond]), "id_scale": args.id_scale} if with_id else \
-                        {"id_tokens": None, "id_scale": 0.0}
-                    img = pipe(prompt, num_inference_steps=4, guidance_scale=1.2, height=res, width=res,
-                               generator=torch.Generator(device).manual_seed(args.seed + i),
-                               cross_attention_kwargs=kwargs).images[0]
-                    images[(i, with_id)] = img
-                    img.save(out / f"prompt{i}_{'id' if with_id else 'plain'}.png")
+        for i, prompt in enumerate(prompts):
+            for with_id in (False, True):
+                img = real.generate(pipe, prompt, adapter, cond if with_id else None, uncond, id_scale=args.id_scale,
+                                    steps=4, guidance_scale=1.2, seed=args.seed + i, size=res)
+                images[(i, with_id)] = img
+                img.save(out / f"prompt{i}_{'id' if with_id else 'plain'}.png")
 
     sims = {}
     for (i, with_id), img in images.items():
-        try:
-            emb, _ = real.reference_face(np.asarray(img), app, name=f"prompt{i}")
-            sims[f"prompt{i}_{'id' if with_id else 'plain'}"] = round(float(
-                np.dot(emb, ref_emb) / (np.linalg.norm(emb) * np.linalg.norm(ref_emb))), 4)
-        except ValueError:
-            sims[f"prompt{i}_{'id' if with_id else 'plain'}"] = None
+        sim = real.face_similarity(img, ref_emb, app, name=f"prompt{i}")
+        sims[f"prompt{i}_{'id' if with_id else 'plain'}"] = None if sim is None else round(sim, 4)
     report["face_sim_antelopev2"] = sims
 
     with phase("align_capture"):
-        cfg = real_train.RealTrainConfig(resolution=res, id_scale=args.id_scale, use_accelerate=False)
-        step = real_train.RealPuLIDStep(adapter, pipe, cfg)
         align = {}
-        with adapter.installed(pipe.unet), torch.no_grad(), torch.autocast(device.type, dtype=dtype,
-                                                                           enabled=device.type == "cuda"):
-            for i, prompt in enumerate(PROMPTS):
-                text, pooled = real_train.encode_text(pipe, [prompt], device)
-                g = torch.Generator().manual_seed(args.seed + 100 + i)
-                side = res // real_train.vae_scale_factor(pipe.vae)
-                x_T = torch.randn(1, pipe.unet.config.in_channels, side, side, generator=g).to(device)
-                cap_id, cap_plain = Capture(), Capture()
-                step.lightning(text, pooled, cond, x_T, cap_id)
-                step.lightning(text, pooled, None, x_T, cap_plain)
-                align[prompt] = {"align_sem": float(losses.align_semantic_loss(cap_id, cap_plain)),
-                                 "align_layout": float(losses.align_layout_loss(cap_id, cap_plain)),
-                                 "layers_x_steps": len(cap_id.keys())}
-                del cap_id, cap_plain
+        for i, prompt in enumerate(prompts):
+            paths = real_train.lightning_paths(pipe, adapter, cond, prompt, res, seed=args.seed + 100 + i,
+                                               id_scale=args.id_scale)
+            align[prompt] = {"align_sem": float(losses.align_semantic_loss(paths.cap_id, paths.cap_plain)),
+                             "align_layout": float(losses.align_layout_loss(paths.cap_id, paths.cap_plain)),
+                             "layers_x_steps": len(paths.cap_id.keys())}
+            del paths
         report["align_losses"] = align
 
     if env["FACE_DIR"]:
@@ -222,9 +193,7 @@ def main(argv=None):
             r = real_train.train_real(tcfg, pipe, adapter, ds, out / "train_stage1", progress=False)
             report["train_stage1"] = r["log"]
         if args.stage23:
-            phi = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Conv2d(3, 64, 3, stride=2),
-                                      torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(1),
-                                      torch.nn.Linear(64 * 16, 512)).to(device)  # random stand-in: memory/time only
+            phi = TinyRecognizer().to(device)  # random stand-in: memory/time only
             for stage in (2, 3):
                 with phase(f"train_stage{stage}_smoke_k1"):
                     tcfg = real_train.RealTrainConfig(stage=stage, steps=1, resolution=args.train_resolution,
@@ -235,9 +204,9 @@ def main(argv=None):
 
     # grid: rows = prompts; columns = reference crop, without ID, with ID
     cell = 256
-    grid = Image.new("RGB", (3 * cell, len(PROMPTS) * cell), "white")
+    grid = Image.new("RGB", (3 * cell, len(prompts) * cell), "white")
     crop_img = Image.fromarray(crop).resize((cell, cell))
-    for i in range(len(PROMPTS)):
+    for i in range(len(prompts)):
         grid.paste(crop_img, (0, i * cell))
         grid.paste(images[(i, False)].resize((cell, cell)), (cell, i * cell))
         grid.paste(images[(i, True)].resize((cell, cell)), (2 * cell, i * cell))

@@ -1,8 +1,6 @@
-"""The real tier on CPU with tiny randomly-initialised models of the real classes (no downloads, seconds)."""
+"""The real tier on CPU with tiny randomly-initialised models of the real classes (no downloads, seconds); the
+tiny builders live in pulid_lab.real_tiny (notebook 06 uses them too)."""
 from __future__ import annotations
-
-import json
-import warnings
 
 import numpy as np
 import pytest
@@ -10,8 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pulid_lab import real
+from pulid_lab import real, real_tiny
 from pulid_lab.attention import IDProcessors
+from pulid_lab.real_tiny import DETECTOR_SIZE as DET
+from pulid_lab.real_tiny import FACES, KPS, tiny_extractor, tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -21,64 +21,10 @@ transformers = pytest.importorskip("transformers")
 # tiny diffusers pipelines
 # ---------------------------------------------------------------------------------------------------------------
 
-def _tokenizer(tmp_path):
-    from transformers import CLIPTokenizer
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in letters:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
-
-
-def _text_config(projection_dim=32):
-    from transformers import CLIPTextConfig
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=64, projection_dim=projection_dim)
-
-
-def _unet(kind, seed=0):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(seed)
-    common = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
-    if kind == "sdxl":  # two text encoders of width 32: cross_attention_dim 64; text_time embedding as SDXL
-        return UNet2DConditionModel(**common, attention_head_dim=(2, 4), use_linear_projection=True,
-                                    addition_embed_type="text_time", addition_time_embed_dim=8,
-                                    transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-                                    cross_attention_dim=64)
-    return UNet2DConditionModel(**common, attention_head_dim=8, cross_attention_dim=32)
-
-
-def _save_pipeline(kind, folder, tmp_path):
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=8, sample_size=64)
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    tok = _tokenizer(tmp_path)
-    if kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(_text_config()),
-                                         text_encoder_2=CLIPTextModelWithProjection(_text_config()),
-                                         tokenizer=tok, tokenizer_2=tok, unet=_unet("sdxl"), scheduler=sched)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(_text_config()), tokenizer=tok,
-                                       unet=_unet("sd15"), scheduler=sched, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipes")
-    return {kind: _save_pipeline(kind, tmp / kind, tmp) for kind in ("sdxl", "sd15")}
+    return {kind: real_tiny.save_pipeline(kind, tmp / kind) for kind in ("sdxl", "sd15")}
 
 
 def _unet_inputs(unet, kind, b=1):
@@ -117,7 +63,7 @@ def test_load_pipeline_generates(saved, kind):
 
 def test_lightning_unet_replaces_weights(saved, tmp_path):
     from safetensors.torch import save_file
-    other = _unet("sdxl", seed=123)  # stands in for sdxl_lightning_4step_unet.safetensors
+    other = tiny_unet("sdxl", seed=123)  # stands in for sdxl_lightning_4step_unet.safetensors
     path = tmp_path / "sdxl_lightning_4step_unet.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     pipe = real.load_pipeline(saved["sdxl"], lightning_unet=path, kind="sdxl", device="cpu")
@@ -125,7 +71,7 @@ def test_lightning_unet_replaces_weights(saved, tmp_path):
         assert torch.equal(pipe.unet.state_dict()[k], v), k
     # a UNet of another shape is a clear error
     sd15 = tmp_path / "wrong.safetensors"
-    save_file({k: v.contiguous() for k, v in _unet("sd15").state_dict().items()}, str(sd15))
+    save_file({k: v.contiguous() for k, v in tiny_unet("sd15").state_dict().items()}, str(sd15))
     with pytest.raises(ValueError, match="does not fit"):
         real.load_pipeline(saved["sdxl"], lightning_unet=sd15, kind="sdxl", device="cpu")
 
@@ -268,74 +214,19 @@ def test_official_v1_checkpoint_maps_into_adapter(saved):
 # insightface: a tiny antelopev2-like folder (SCRFD-signature detector with fixed outputs + ArcFace-shaped ONNX)
 # ---------------------------------------------------------------------------------------------------------------
 
-DET = 64  # static detector input size
-# faces of the tiny detector: (stride-8 cell x, y, half-size in strides)
-FACES = [(2, 2, 1.0), (5, 5, 1.5)]
-KPS = np.array([[-0.4, -0.3], [0.4, -0.3], [0.0, 0.05], [-0.3, 0.45], [0.3, 0.45]], np.float32)
-
-
-class _FixedSCRFD(nn.Module):
-    """SCRFD's output signature (scores, boxes, keypoints for strides 8/16/32, 2 anchors per cell), constant."""
-
-    def __init__(self, faces):
-        super().__init__()
-        outs = {}
-        for s in (8, 16, 32):
-            n = 2 * (DET // s) ** 2
-            outs[f"score_{s}"] = torch.full((n, 1), 0.01)
-            outs[f"bbox_{s}"] = torch.ones(n, 4)
-            outs[f"kps_{s}"] = torch.zeros(n, 10)
-        for cx, cy, half in faces:
-            a = 2 * (cy * (DET // 8) + cx)
-            outs["score_8"][a] = 0.9
-            outs["bbox_8"][a] = half
-            outs["kps_8"][a] = torch.from_numpy(KPS.reshape(-1) * 2 * half)
-        self.names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
-        for k, v in outs.items():
-            self.register_buffer(k, v)
-
-    def forward(self, x):
-        z = x.mean() * 0
-        return tuple(getattr(self, n) + z for n in self.names)
-
-
-class _TinyRecognizer(nn.Module):
-    """A tiny face recognizer: (B, 3, H, W) -> (B, dim); also the differentiable phi of test_real_train."""
-
-    def __init__(self, dim: int = 512, stride: int = 4, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 8, 3, stride=stride)
-        self.fc = nn.Linear(8 * 16, dim)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4).flatten(1))
-
-
-def _export(model, path, size, dynamic):
-    kw = dict(dynamic_axes={"input": {0: "batch"}}) if dynamic else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, 3, size, size),), str(path), input_names=["input"],
-                          opset_version=17, dynamo=False, **kw)
+PACKS = {"none": (), "one": FACES[1:], "two": FACES}  # what the tiny detector reports
 
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory):
+    """The tiny recognizer exported once (every pack copies it)."""
     pytest.importorskip("insightface")
-    tmp = tmp_path_factory.mktemp("onnx")
-    _export(_TinyRecognizer(), tmp / "glintr100.onnx", 112, dynamic=True)
-    for n, faces in (("none", []), ("one", FACES[1:]), ("two", FACES)):
-        _export(_FixedSCRFD(faces), tmp / f"scrfd_{n}.onnx", DET, dynamic=False)
-    return tmp
+    return real_tiny.export_onnx(real_tiny.TinyRecognizer(), tmp_path_factory.mktemp("onnx") / "glintr100.onnx", 112,
+                                 dynamic=True)
 
 
 def _pack(tmp_path, onnx_models, faces):
-    folder = tmp_path / "models" / "antelopev2"
-    folder.mkdir(parents=True)
-    (folder / "glintr100.onnx").write_bytes((onnx_models / "glintr100.onnx").read_bytes())
-    (folder / "scrfd_10g_bnkps.onnx").write_bytes((onnx_models / f"scrfd_{faces}.onnx").read_bytes())
-    return tmp_path
+    return real_tiny.write_antelopev2(tmp_path, PACKS[faces], recognizer=onnx_models)
 
 
 def test_face_analysis_missing_folder_is_clear(tmp_path):
@@ -394,33 +285,6 @@ def test_reference_face_no_face_and_several(tmp_path, onnx_models):
 # image features (EVA02-CLIP through open_clip; a tiny fake ViT here) and the full ID condition
 # ---------------------------------------------------------------------------------------------------------------
 
-class _TinyViT(nn.Module):
-    """Shaped like an open_clip visual tower: ``blocks`` of a ViT, forward -> projected CLS (B, out_dim)."""
-
-    def __init__(self, width=8, depth=10, out_dim=16, patch=8, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.patch = nn.Conv2d(3, width, patch, stride=patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, width))
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
-                                    for _ in range(depth))
-        self.proj = nn.Linear(width, out_dim)
-
-    def tokens(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        return torch.cat([self.cls.expand(len(x), -1, -1), t], 1)
-
-    def forward(self, x):
-        h = self.tokens(x)
-        for b in self.blocks:
-            h = h + b(h)
-        return self.proj(h[:, 0])
-
-
-def tiny_extractor(size=32):
-    return real.OpenClipFeatures(_TinyViT(), image_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-
-
 def test_evenly_spaced_blocks_match_official():
     assert real.evenly_spaced_blocks(24) == [4, 8, 12, 16, 20]  # EVA02-L: the official PuLID's blocks
     assert len(real.evenly_spaced_blocks(10)) == 5
@@ -471,8 +335,77 @@ def test_full_condition_path_to_tokens(tmp_path, onnx_models):
     torch.testing.assert_close(id_vec[:, :512], torch.from_numpy(emb)[None])
     torch.testing.assert_close(id_vec[:, 512:], F.normalize(cls, dim=-1))
     from diffusers import UNet2DConditionModel
-    unet = _unet("sd15")
+    unet = tiny_unet("sd15")
     adapter = real.RealAdapter(unet, real.V1EncoderConfig(id_dim=512 + 16, vit_dim=8, token_dim=32, hidden=16))
     tokens = adapter.tokens(id_vec, hidden)
     assert tokens.shape == (1, 10, 32) and torch.isfinite(tokens).all()
     assert isinstance(unet, UNet2DConditionModel)
+
+
+def test_tiny_detector_reports_faces_where_drawn(tmp_path, onnx_models):
+    """real_tiny.draw_faces puts each face where the tiny detector reports it, at any image size (insightface
+    letterboxes the image into the detector's static input)."""
+    app = real.load_face_analysis(_pack(tmp_path, onnx_models, "two"))
+    img = real_tiny.draw_faces(128, FACES)
+    found = sorted(app.get(np.ascontiguousarray(img[:, :, ::-1])), key=lambda f: f.bbox[0])
+    assert len(found) == 2
+    for face, want in zip(found, FACES):
+        np.testing.assert_allclose(face.kps, real_tiny.face_keypoints(want, 128), atol=0.5)
+
+
+def test_official_v1_state_dict_round_trip(saved, tmp_path):
+    """official_v1_state_dict writes the official key names and shapes; apply_official_v1 reads them back."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(saved["sdxl"], subfolder="unet")
+    ctx = unet.config.cross_attention_dim
+    cfg = real.V1EncoderConfig(id_dim=24, vit_dim=16, token_dim=ctx, hidden=16)
+    torch.manual_seed(0)
+    src, dst = real.RealAdapter(unet, cfg), real.RealAdapter(unet, cfg)
+    state = real.official_v1_state_dict(src)
+    enc = {k.removeprefix("id_adapter."): tuple(v.shape) for k, v in state.items() if k.startswith("id_adapter.")}
+    assert enc == _official_encoder_shapes(24, 16, ctx, hidden=16)
+    attn = sorted(int(k.split(".")[1]) for k in state if k.startswith("id_adapter_attn_layers."))
+    assert attn and all(i % 2 == 1 for i in attn) and len(attn) == 2 * len(src.processors.procs)
+    from safetensors.torch import save_file
+    save_file(state, str(tmp_path / "v1.safetensors"))
+    torch.save(state, tmp_path / "pulid_v1.bin")
+    for f in ("v1.safetensors", "pulid_v1.bin"):
+        real.apply_official_v1(dst, real.read_checkpoint(tmp_path / f))
+        for k, v in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError, match=r"nothing\.bin.*guozinan/PuLID"):
+        real.read_checkpoint(tmp_path / "nothing.bin")
+
+
+def test_generate_with_and_without_id(saved):
+    pipe = real.load_pipeline(saved["sdxl"], kind="sdxl", device="cpu")
+    ctx = pipe.unet.config.cross_attention_dim
+    adapter = real.RealAdapter(pipe.unet, real.V1EncoderConfig(id_dim=24, vit_dim=16, token_dim=ctx, hidden=16))
+    x, hs = torch.randn(1, 24), [torch.randn(1, 5, 16) for _ in range(5)]
+    with torch.no_grad():
+        cond, uncond = adapter.tokens(x, hs), adapter.uncond_tokens(x, hs)
+    kw = dict(steps=2, size=64, seed=3)
+    original = np.asarray(real.generate(pipe, "a face", **kw)).astype(int)
+    plain = np.asarray(real.generate(pipe, "a face", adapter, **kw)).astype(int)
+    with_id = np.asarray(real.generate(pipe, "a face", adapter, cond, uncond, **kw)).astype(int)
+    assert original.shape == (64, 64, 3)
+    assert np.abs(plain - original).max() <= 1  # adapter installed at id_scale 0 = the original model
+    assert np.abs(with_id - plain).max() > 0
+    with pytest.raises(ValueError, match="uncond_tokens"):
+        real.generate(pipe, "a face", adapter, cond, **kw)
+    with pytest.raises(ValueError, match="adapter"):
+        real.generate(pipe, "a face", None, cond, uncond, **kw)
+
+
+def test_zero_features_face_similarity_and_labels(tmp_path, onnx_models):
+    cls, hidden = real.ZeroFeatures()(torch.rand(2, 3, 112, 112))
+    assert cls.shape == (2, 768) and [tuple(h.shape) for h in hidden] == [(2, 577, 1024)] * 5
+    assert isinstance(real.ZeroFeatures(), real.FeatureExtractor)
+    img = real_tiny.draw_faces(96)
+    app = real.load_face_analysis(_pack(tmp_path / "one", onnx_models, "one"))
+    emb, _ = real.reference_face(img, app)
+    assert real.face_similarity(img, emb, app) == pytest.approx(1.0, abs=1e-5)
+    none = real.load_face_analysis(_pack(tmp_path / "none", onnx_models, "none"))
+    assert real.face_similarity(img, emb, none) is None
+    assert real.short_layer("down_blocks.2.attentions.1.transformer_blocks.7.attn2") == "down2.a1.t7"
+    assert real.short_layer("mid_block.attentions.0.transformer_blocks.0.attn2.processor") == "mid.a0.t0"

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("insightface")
 
 from pulid_lab import real, real_train  # noqa: E402
-from test_real import _save_pipeline, _TinyRecognizer, tiny_extractor  # noqa: E402  (the tiny builders of tests/test_real.py)
+from pulid_lab.real_tiny import TinyRecognizer, save_pipeline, tiny_extractor  # noqa: E402
 
 RES = 32
 
@@ -41,7 +41,7 @@ class FakeFaceAnalysis:
 
 def TinyPhi() -> nn.Module:
     """A differentiable stand-in for an ArcFace network: (B, 3, H, W) in [-1, 1] -> (B, 16)."""
-    return _TinyRecognizer(dim=16, stride=2, seed=3)
+    return TinyRecognizer(dim=16, stride=2, seed=3)
 
 
 def _draw(path, bg, skin, size=(48, 40)):
@@ -72,7 +72,7 @@ def faces(tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipes")
-    return {kind: _save_pipeline(kind, tmp / kind, tmp) for kind in ("sd15", "sdxl")}
+    return {kind: save_pipeline(kind, tmp / kind) for kind in ("sd15", "sdxl")}
 
 
 def _pipe(saved, kind="sd15"):
@@ -249,3 +249,28 @@ def test_id_loss_gradient_reaches_the_encoder(saved, dataset):
         terms["id"].backward()
     g = adapter.encoder.global_mlp[0].weight.grad
     assert g is not None and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_lightning_paths_capture_every_layer_and_step(saved, kind):
+    """The two Lightning paths of L_align, without training: same x_T, captures of every attn2 layer and step;
+    the per-layer terms of alignment_maps.loss_terms sum to the losses."""
+    from pulid_lab import alignment_maps, losses
+    from pulid_lab.attention import cross_attention_layers, layer_name
+    pipe = _pipe(saved, kind)
+    adapter = _adapter(pipe)
+    with torch.no_grad():
+        tokens = adapter.tokens(torch.randn(1, 528), [torch.randn(1, 17, 8) for _ in range(5)])
+    p = real_train.lightning_paths(pipe, adapter, tokens, "a face", RES, seed=1)
+    layers = [layer_name(n) for n in cross_attention_layers(pipe.unet)]
+    assert sorted(p.cap_id.keys()) == sorted((la, s) for la in layers for s in range(4)) == sorted(p.cap_plain.keys())
+    first = alignment_maps.layers_of(p.cap_id)[0]
+    torch.testing.assert_close(p.cap_id.q[(first, 0)], p.cap_plain.q[(first, 0)])  # the ID enters after layer 1
+    terms = alignment_maps.loss_terms(p.cap_id, p.cap_plain)
+    assert terms.totals()["align_sem"] == pytest.approx(float(losses.align_semantic_loss(p.cap_id, p.cap_plain)), rel=1e-5)
+    assert terms.totals()["align_layout"] == pytest.approx(float(losses.align_layout_loss(p.cap_id, p.cap_plain)), rel=1e-5)
+    assert terms.layout.sum() > 0
+    images = real_train.to_images(pipe, torch.cat([p.latents_id, p.latents_plain]))
+    assert images.shape == (2, RES, RES, 3) and images.dtype == np.uint8
+    again = real_train.lightning_paths(pipe, adapter, tokens, "a face", RES, seed=1)
+    torch.testing.assert_close(again.latents_plain, p.latents_plain)
