@@ -117,3 +117,12 @@ def test_bad_reference_images_get_clear_errors():
         as_image_batch("face.png")
     with pytest.raises(ValueError, match="uint8"):
         as_image_batch(np.zeros((32, 32, 3), np.float64))
+
+
+def test_canonical_caption_order():
+    from pulid_lab import vocab
+    assert vocab.canonical("a portrait, sketch, red background, glasses") == "a portrait, red background, sketch, glasses"
+    assert vocab.canonical("a portrait, red background, sketch, glasses") == "a portrait, red background, sketch, glasses"
+    assert vocab.canonical("") == ""
+    with pytest.raises(vocab.VocabularyError):
+        vocab.canonical("a portrait, purple hat")
