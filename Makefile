@@ -16,15 +16,23 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# the main job: Table 2 of the paper in the mini world (quick profile, 1 seed, ~8 min on 2 cores);
+# the full one: `$(BIN)/pulid-lab reproduce --profile paper --seeds 3 --out runs/reproduce-paper`
 demo: $(STAMP)
 	$(BIN)/pulid-lab world --out figures/toyfaces.png
-	$(BIN)/pulid-lab check-models
+	$(BIN)/pulid-lab reproduce --profile quick --seeds 1 --out runs/reproduce --figures figures
 
+# unit tests, then every notebook top to bottom under nbval in smoke mode (CI=true selects the smoke profile)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
+	CI=$${CI:-true} $(BIN)/python -m pytest -q --durations=10 --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
 
 pretrain: $(STAMP)
 	$(BIN)/pulid-lab pretrain --profile paper --out pulid_lab/shipped --resume
+
+check-models: $(STAMP)
+	$(BIN)/pulid-lab check-models
 
 clean:
 	rm -rf $(VENV)

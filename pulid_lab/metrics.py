@@ -44,3 +44,28 @@ def verification_accuracy(scores: np.ndarray, same: np.ndarray, rng: np.random.G
     fit, test = perm[: len(perm) // 2], perm[len(perm) // 2:]
     t = best_threshold(scores[fit], same[fit])
     return float(((scores[test] >= t) == same[test]).mean())
+
+
+def roc_curve(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC of a verification score: (false accept rate, true accept rate, thresholds), thresholds descending.
+
+    A pair is accepted when ``score >= threshold``. The curve starts at (0, 0) (threshold +inf) and ends at
+    (1, 1); tied scores give one point (so the area counts a tie as half a correct ordering)."""
+    scores, same = np.asarray(scores, np.float64), np.asarray(same, bool)
+    if scores.shape != same.shape or scores.ndim != 1:
+        raise ValueError(f"scores and same must be 1-d arrays of one length, got {scores.shape} and {same.shape}")
+    n_same, n_diff = int(same.sum()), int((~same).sum())
+    if n_same == 0 or n_diff == 0:
+        raise ValueError("a ROC curve needs both genuine (same) and impostor (different) pairs")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], same[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each group of tied scores
+    tpr = np.r_[0.0, np.cumsum(y)[last] / n_same]
+    fpr = np.r_[0.0, np.cumsum(~y)[last] / n_diff]
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def roc_auc(scores: np.ndarray, same: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a genuine pair scores above an impostor pair."""
+    fpr, tpr, _ = roc_curve(scores, same)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))

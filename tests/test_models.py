@@ -106,3 +106,25 @@ def test_finished_base_pretrain_leaves_no_resume_state(smoke_models):
     from pulid_lab.pretrain import train_state_dir
     out, _ = smoke_models
     assert not train_state_dir(out, "base").exists()
+
+
+@pytest.fixture(scope="module")
+def shipped_base_check():
+    from pulid_lab.check_models import check_base_model
+    return check_base_model(n=48, seeds_per_caption=4, base_steps=25)
+
+
+def test_shipped_base_lightning_sampler_and_identity_legibility(shipped_base_check):
+    from pulid_lab.check_models import BASE_THRESHOLDS
+    r = shipped_base_check
+    assert r["lightning_prompt_score"] >= BASE_THRESHOLDS["lightning_over_base"] * r["base_prompt_score"], r
+    assert r["identity_legibility"] >= BASE_THRESHOLDS["identity_legibility"], r
+    assert r["base_identity_diversity"] < 0.5 * r["same_identity_cosine_renders"], r
+
+
+@pytest.mark.xfail(strict=True, reason="measured 0.667 on 256 generations: the shipped base ignores glasses, hat, "
+                                       "expression and position (README, 'The original model'); strict, so that "
+                                       "a base that reaches 0.85 makes this test fail until the marker goes")
+def test_shipped_base_prompt_score(shipped_base_check):
+    from pulid_lab.check_models import BASE_THRESHOLDS
+    assert shipped_base_check["base_prompt_score"] >= BASE_THRESHOLDS["base_prompt_score"], shipped_base_check
