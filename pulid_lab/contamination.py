@@ -109,6 +109,42 @@ def leak_rates(base, evaluator, lset: LeakSet, adapters: dict, id_scale: float =
     return {"n": len(lset), "attributes": list(lset.asked), "id_scale": id_scale, "conditions": conditions}
 
 
+def leak_by_scale(base, evaluator, lset: LeakSet, adapter, scales=(0.5, 1.0, 2.0, 4.0), batch: int = 64) -> dict:
+    """How the leak grows with ``id_scale`` (the weight of the ID attention term) for one adapter:
+    ``{"n", "attributes", "scales", "without ID": rates, "by_scale": [rates per scale]}``; rates as in ``leak_rates``."""
+    def summarise(images):
+        r = rates(predict_attributes(evaluator.probe, images), lset)
+        r["follow_mean"], r["copy_mean"] = (float(np.mean(list(r[k].values()))) for k in ("follow", "copy"))
+        return r
+    without = summarise(generate_conditions(base, evaluator, lset, {}, batch=batch)[WITHOUT_ID])
+    by_scale = [summarise(generate_conditions(base, evaluator, lset, {"ID": adapter}, s, batch)["ID"])
+                if s != 0 else without for s in scales]
+    return {"n": len(lset), "attributes": list(lset.asked), "scales": [float(s) for s in scales],
+            WITHOUT_ID: without, "by_scale": by_scale}
+
+
+def plot_leak_by_scale(sweep: dict, out=None, title: str = ""):
+    """Two panels (follows the prompt / copies the reference) against id_scale: one line per attribute, the mean
+    in black, the no-ID mean dotted."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
+    x = sweep["scales"]
+    for ax, key, label in ((axes[0], "follow", "follows the prompt"), (axes[1], "copy", "copies the reference instead")):
+        for a in sweep["attributes"]:
+            ax.plot(x, [r[key][a] for r in sweep["by_scale"]], marker=".", lw=1, alpha=0.8, label=a)
+        ax.plot(x, [r[f"{key}_mean"] for r in sweep["by_scale"]], marker="o", lw=2.2, color="black", label="mean")
+        ax.axhline(sweep[WITHOUT_ID][f"{key}_mean"], color="black", ls=":", lw=1, label="mean without ID")
+        ax.set_xlabel("id_scale")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(label, fontsize=9)
+    axes[1].legend(fontsize=6, loc="upper left", ncol=2)
+    fig.suptitle(title or f"The leak against id_scale ({sweep['n']} prompts that contradict their reference)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, out)
+
+
 def format_report(report: dict) -> str:
     """The report as a plain-text table: one row per attribute, follow / copy per condition."""
     conds = list(report["conditions"])

@@ -85,6 +85,7 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None) -
     folder = Path(models_dir) if models_dir else checkpoints.default_models_dir()
     manifest = checkpoints.read_manifest(folder)
     models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
+    models.update({k: v.get("sha256", "") for k, v in manifest.get("files", {}).items()})  # the base model's files
     blob = json.dumps([checkpoints.plain_json(asdict(cfg)), parent, models], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -71,3 +71,16 @@ def test_leak_examples_figure(smoke_lab, tmp_path):
     fig = contamination.leak_examples(base, evaluator, contamination.leak_set(5), {"random": adapter}, n=2,
                                       out=tmp_path / "c.png")
     assert len(fig.axes) == 2 * 3 and (tmp_path / "c.png").exists()
+
+
+def test_leak_by_scale_sweep(smoke_lab):
+    base, evaluator, adapter = smoke_lab
+    lset = contamination.leak_set(2)
+    sweep = contamination.leak_by_scale(base, evaluator, lset, adapter, scales=(0.0, 1.0, 3.0))
+    assert sweep["scales"] == [0.0, 1.0, 3.0] and len(sweep["by_scale"]) == 3
+    assert sweep["by_scale"][0] == sweep[WITHOUT_ID]  # id_scale 0 is the original model
+    report = contamination.leak_rates(base, evaluator, lset, {"a": adapter}, id_scale=3.0)
+    assert sweep["by_scale"][2] == report["conditions"]["a"]  # same prompts, noise and scale
+    for r in sweep["by_scale"]:
+        assert all(0 <= r["follow"][a] + r["copy"][a] <= 1 for a in sweep["attributes"])
+    contamination.plot_leak_by_scale(sweep)

@@ -39,3 +39,19 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
 def test_smoke_runs_never_write_committed_figures():
     assert figure_path("tour.png", "smoke") is None
     assert figure_path("tour.png", "quick").parts[-2:] == ("figures", "tour.png")
+
+
+def test_stage_key_changes_with_the_base_model(smoke_models, tmp_path):
+    import shutil
+
+    from pulid_lab import checkpoints
+    models, _ = smoke_models
+    copy = tmp_path / "models"
+    shutil.copytree(models, copy)
+    cfg = Experiment(profile="smoke").stage_training(1)
+    before = stage_key(cfg, None, copy)
+    manifest = checkpoints.read_manifest(copy)
+    name = next(k for k, v in manifest["files"].items() if v.get("source") == "base")
+    manifest["files"][name]["sha256"] = "0" * 64  # another base model
+    checkpoints.write_manifest(copy, manifest)
+    assert stage_key(cfg, None, copy) != before
