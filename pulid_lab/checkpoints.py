@@ -62,11 +62,31 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
-    path = Path(folder) / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
+    """Write JSON atomically (tmp file + rename): a killed process never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str | Path, rows: list[dict], keys: list[str]) -> Path:
+    """Write rows as CSV atomically (tmp file + rename)."""
+    import csv
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    write_json(Path(folder) / "manifest.json", manifest, sort_keys=True)
 
 
 def save_model(folder: Path, name: str, kind: str, config: dict, model: torch.nn.Module, *, profile: str,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -144,9 +143,4 @@ def run_experiment(exp: Experiment, stages_dir: Path, models_dir: Path | None = 
 
 def write_result(path: str | Path, result: dict) -> Path:
     """Atomically write ``result.json`` (a killed run never leaves a half-written one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(checkpoints.plain_json(result), indent=2))
-    os.replace(tmp, path)
-    return path
+    return checkpoints.write_json(path, checkpoints.plain_json(result))

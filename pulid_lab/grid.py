@@ -31,6 +31,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from .checkpoints import write_csv, write_json
+
 METRICS = ("face_sim", "prompt_score", "purity")
 INJECTED = ("result_path", "stages_dir")  # parameters the runner sets for every config
 
@@ -158,12 +160,6 @@ def run_config(notebook: str, folder: str, params: dict, threads: int | None = N
                 "traceback": traceback.format_exc()[-4000:]}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_results_csv(out: Path, grid: Grid) -> Path:
     """Every valid result with its parameters, one row per config."""
     rows = []
@@ -172,15 +168,7 @@ def write_results_csv(out: Path, grid: Grid) -> Path:
         if r is not None:
             rows.append({"config": name, **{k: v for k, v in params.items()},
                          **{m: r[m] for m in METRICS}, "n": r.get("n"), "seconds": r.get("seconds")})
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    path = out / "results.csv"
-    tmp = path.with_name("results.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    return write_csv(out / "results.csv", rows, list(dict.fromkeys(k for row in rows for k in row)))
 
 
 def run_grid(grid: Grid, out: str | Path, workers: int = 1, scheduler: str | None = None,
@@ -217,11 +205,11 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, scheduler: str | Non
                 name, rep = futures[fut], fut.result()
                 folder = out / "runs" / name
                 if rep["ok"]:  # remember the grid parameters beside the notebook's result (atomic rewrite)
-                    _write_json(folder / "result.json", {**rep["result"], "grid_params": grid.configs[name]})
+                    write_json(folder / "result.json", {**rep["result"], "grid_params": grid.configs[name]})
                 else:
                     failures[name] = {"params": grid.configs[name], "error": rep["error"],
                                       "traceback": rep["traceback"], "notebook": str(folder / "notebook.ipynb")}
-                _write_json(failures_path, failures)
+                write_json(failures_path, failures, default=str)
                 write_results_csv(out, grid)
                 bar.set_postfix(failed=len(failures))
                 bar.update()
@@ -231,7 +219,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, scheduler: str | Non
             if cluster is not None:
                 cluster.close()
     else:
-        _write_json(failures_path, failures)
+        write_json(failures_path, failures, default=str)
     write_results_csv(out, grid)
     return {"configs": len(grid.configs), "ran": len(todo), "skipped": skipped, "failed": sorted(failures),
             "seconds": round(time.time() - t0, 1), "results": str(out / "results.csv")}

@@ -10,12 +10,12 @@ Every finished row is saved at once; an interrupted run resumes where it stopped
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .base import load_base
+from .checkpoints import write_json
 from .config import REPRODUCE_PROFILES
 from .evaluate import Evaluator, evaluate, test_set
 from .experiment import Experiment, train_chain
@@ -40,13 +40,6 @@ def row_experiment(row: str, profile: str, seed: int, **overrides) -> Experiment
     return Experiment(profile=profile, seed=seed, **{**overrides, **rows[row]})
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Path | None = None, device=None,
               progress: bool = True, figures: Path | None = Path("figures"), **overrides) -> dict:
     """Train and evaluate the four rows for ``seeds`` seeds; write table2.json / table2.md and the figures.
@@ -67,13 +60,13 @@ def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Pat
                 adapter_dir = train_chain(exp, out / "stages", models_dir, base, base.device, progress)
                 adapter = load_adapter(adapter_dir, base.unet).to(base.device)
                 metrics = evaluate(base, adapter, evaluator, tests, id_scales=(1.0,), progress=progress)
-                _write_json(path, {"row": row, "seed": seed, "adapter": str(adapter_dir), **metrics["id_scale_1"]})
+                write_json(path, {"row": row, "seed": seed, "adapter": str(adapter_dir), **metrics["id_scale_1"]})
             results[row].append(json.loads(path.read_text()))
     table = summarise(results)
     table["claims"] = claims(table)
     table["profile"], table["seeds"], table["test_set"] = profile, seeds, {"identities": REPRODUCE_PROFILES[profile].eval_ids,
                                                                           "rows": len(tests.prompts)}
-    _write_json(out / "table2.json", table)
+    write_json(out / "table2.json", table)
     (out / "table2.md").write_text(markdown_table(table))
     if figures is not None:
         from . import plots

@@ -13,7 +13,6 @@ Batches are a pure function of (seed, step); the adapter, optimiser and log are 
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -218,13 +217,7 @@ def write_log(path: Path, log: list[dict]) -> None:
     """Every loss term of every step as CSV (atomically replaced)."""
     if not log:
         return
-    keys = sorted({k for row in log for k in row}, key=lambda k: (k != "step", k))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(log)
-    os.replace(tmp, path)
+    checkpoints.write_csv(path, log, sorted({k for row in log for k in row}, key=lambda k: (k != "step", k)))
 
 
 def save_adapter(folder: Path, adapter: PuLIDAdapter, cfg: PuLIDTraining, metrics: dict) -> None:
