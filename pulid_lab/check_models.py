@@ -33,9 +33,9 @@ def _verification(emb, ids, n_pairs, seed):
     return verification_accuracy(cosine(emb[i], emb[j]).numpy(), same, rng)
 
 
-def _colour_matched_verification(model, n_ids, variants, seed):
-    """Same identity vs an impostor with the *same colours* (skin, hair, eyes) and another identity's structure."""
-    rng = np.random.default_rng(seed)
+def colour_matched_renders(rng: np.random.Generator, n_ids: int, variants: int):
+    """Renders (3n, ...) of held-out identities in three aligned blocks a, b, c: a and b the same identity
+    (different attributes), c an impostor with a's colours (skin, hair, eyes) on another identity's structure."""
     ids = world.HELDOUT_IDS[:n_ids]
     donors = rng.choice(world.HELDOUT_IDS, n_ids)
     donors = np.where(donors == ids, world.HELDOUT_IDS[(np.arange(n_ids) + 1) % n_ids], donors)
@@ -45,9 +45,15 @@ def _colour_matched_verification(model, n_ids, variants, seed):
     genuine = world.identity_factors(ids[rep])
     impostor = world.colour_matched_factors(ids[rep], donors[rep])
     factors = {k: np.concatenate([genuine[k], genuine[k], impostor[k]]) for k in genuine}
-    r = world.render_factors(factors, attrs, seeds)
+    return world.render_factors(factors, attrs, seeds)
+
+
+def _colour_matched_verification(model, n_ids, variants, seed):
+    """Same identity vs an impostor with the *same colours* (skin, hair, eyes) and another identity's structure."""
+    rng = np.random.default_rng(seed)
+    r = colour_matched_renders(rng, n_ids, variants)
+    n = n_ids * variants
     emb = _embed_torch(model, r.images, r.boxes)
-    n = len(rep)
     a, b, c = emb[:n], emb[n:2 * n], emb[2 * n:]
     scores = torch.cat([cosine(a, b), cosine(a, c)]).numpy()
     same = np.r_[np.ones(n, bool), np.zeros(n, bool)]

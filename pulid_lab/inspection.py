@@ -45,17 +45,9 @@ def embed(recognizer, detector, images_u8: np.ndarray, batch: int = 512) -> torc
 def colour_matched_renders(n_ids: int, variants: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Three aligned sets of renders (a, b, c): a and b show the same held-out identity (different attributes),
     c an impostor with a's colours (skin, hair, eyes) on another identity's structure (``world.colour_matched_factors``)."""
-    rng = np.random.default_rng(seed)
-    ids = world.HELDOUT_IDS[:n_ids]
-    donors = rng.choice(world.HELDOUT_IDS, n_ids)
-    donors = np.where(donors == ids, world.HELDOUT_IDS[(np.arange(n_ids) + 1) % len(world.HELDOUT_IDS)], donors)
-    rep = np.repeat(np.arange(n_ids), variants)
-    attrs = world.sample_attributes(rng, 3 * len(rep))
-    seeds = rng.integers(0, 2**62, size=3 * len(rep)) + CHECK_SEED
-    genuine, impostor = world.identity_factors(ids[rep]), world.colour_matched_factors(ids[rep], donors[rep])
-    factors = {k: np.concatenate([genuine[k], genuine[k], impostor[k]]) for k in genuine}
-    images = world.render_factors(factors, attrs, seeds).images
-    n = len(rep)
+    from .check_models import colour_matched_renders as renders
+    images = renders(np.random.default_rng(seed), n_ids, variants).images
+    n = n_ids * variants
     return images[:n], images[n:2 * n], images[2 * n:]
 
 
