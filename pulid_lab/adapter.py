@@ -18,11 +18,16 @@ class PuLIDAdapter(nn.Module):
     """ID encoder + ID projections. ``tokens(embedding, features)`` -> ID tokens; ``installed(unet)`` patches the UNet.
 
     ``encoder`` is an ``IDEncoderConfig`` (the mini world's encoder) or any encoder module with ``cfg.token_dim``,
-    ``forward`` and ``uncond`` (the real tier passes its PuLID-v1-shaped encoder).
+    ``forward`` and ``uncond`` (the real tier passes its PuLID-v1-shaped encoder). ``reference_view`` is what
+    its image features were trained on ('crop' or 'full', see ``IDConditioner``); evaluation conditions it the same way.
     """
 
-    def __init__(self, unet, encoder: IDEncoderConfig | nn.Module | None = None, settings: IDAttnSettings | None = None):
+    def __init__(self, unet, encoder: IDEncoderConfig | nn.Module | None = None, settings: IDAttnSettings | None = None,
+                 reference_view: str = "crop"):
         super().__init__()
+        if reference_view not in VIEWS:
+            raise ValueError(f"reference_view must be one of {VIEWS}, got {reference_view!r}")
+        self.reference_view = reference_view
         cross_dim = unet.config.cross_attention_dim
         module = encoder if isinstance(encoder, nn.Module) else IDEncoder(encoder or IDEncoderConfig(token_dim=cross_dim))
         token_dim = module.cfg.token_dim
@@ -52,6 +57,9 @@ class PuLIDAdapter(nn.Module):
         return install(unet, self.processors)
 
 
+VIEWS = ("crop", "full")
+
+
 class IDConditioner:
     """Reference image(s) -> (phi_cond embedding (B, 512), image-encoder hidden states) — all frozen.
 
@@ -60,8 +68,8 @@ class IDConditioner:
     """
 
     def __init__(self, models_dir: Path | None = None, view: str = "crop", device=None):
-        if view not in ("crop", "full"):
-            raise ValueError(f"view must be 'crop' or 'full', got {view!r}")
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         self.view = view
         self.device = torch.device(device or "cpu")
         self.faces = FaceAnalysis(models_dir)

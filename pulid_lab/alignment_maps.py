@@ -90,7 +90,7 @@ def two_paths(base, adapter, id_tokens: torch.Tensor, prompts: list[str], seeds:
 @torch.no_grad()
 def lab_two_paths(lab, adapter, references, prompts, seeds, id_scale: float = 1.0) -> TwoPaths:
     """``two_paths`` with the ID tokens of ``references`` (the lab's frozen conditioning path)."""
-    tokens = adapter.tokens(*lab.evaluator.conditioner(references))
+    tokens = adapter.tokens(*lab.evaluator.condition(references, adapter))
     return two_paths(lab.base, adapter, tokens, prompts, seeds, id_scale)
 
 

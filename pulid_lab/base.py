@@ -99,7 +99,7 @@ class OriginalModel(nn.Module):
     def load(cls, folder: Path, cfg: BaseModelConfig | None = None) -> "OriginalModel":
         folder = Path(folder)
         tokenizer, text_encoder = text.load_text(folder)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
         return cls(cfg, tokenizer, text_encoder, unet).eval()
 
 

@@ -59,12 +59,24 @@ def test_set(n_ids: int = 100, prompts=EVAL_PROMPTS) -> TestSet:
 class Evaluator:
     """Frozen evaluation models (phi_eval, probe, detector) + the conditioning path."""
 
-    def __init__(self, models_dir: Path | None = None, device=None, view: str = "crop"):
+    def __init__(self, models_dir: Path | None = None, device=None):
         self.device = torch.device(device or "cpu")
+        self.models_dir = models_dir
         self.phi = checkpoints.load_model("phi_eval", models_dir, self.device)
         self.probe = checkpoints.load_model("probe", models_dir, self.device)
         self.detector = checkpoints.load_model("detector", models_dir, self.device)
-        self.conditioner = IDConditioner(models_dir, view, self.device)
+        self._conditioners: dict[str, IDConditioner] = {}
+
+    def conditioner_for(self, adapter: PuLIDAdapter | None = None) -> IDConditioner:
+        """The frozen conditioning path that shows references as ``adapter`` was trained to see them."""
+        view = getattr(adapter, "reference_view", "crop")
+        if view not in self._conditioners:
+            self._conditioners[view] = IDConditioner(self.models_dir, view, self.device)
+        return self._conditioners[view]
+
+    def condition(self, references, adapter: PuLIDAdapter | None = None):
+        """(phi_cond embedding, image features) of ``references`` for ``adapter``."""
+        return self.conditioner_for(adapter)(references)
 
     @torch.no_grad()
     def face_embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -72,11 +84,14 @@ class Evaluator:
 
     @torch.no_grad()
     def prompt_correct(self, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
-        """Per image: the fraction of the prompt's named attributes the probe finds."""
+        """Per image: the fraction of the prompt's named attributes the probe finds (a prompt naming none: error)."""
         logits = self.probe(images)
         out = []
         for i, p in enumerate(prompts):
             asked = {a: v for a, v in vocab.parse(p).items() if v is not None}
+            if not asked:
+                raise ValueError(f"prompt {p!r} names no attribute, so it has no prompt score; name at least one "
+                                 f"of {sorted(vocab.ATTRIBUTES)}")
             out.append(np.mean([int(logits[a][i].argmax()) == vocab.ATTRIBUTES[a].index(v) for a, v in asked.items()]))
         return np.array(out)
 
@@ -90,7 +105,7 @@ def generate(base: OriginalModel, adapter: PuLIDAdapter | None, references: np.n
     text = base.encode(prompts)
     if adapter is None or id_scale == 0:
         return lightning_sample(lambda x, t, s: base.predict(x, t, text), x_T).clamp(-1, 1)
-    emb, feats = evaluator.conditioner(references)
+    emb, feats = evaluator.condition(references, adapter)
     with adapter.installed(base.unet):
         fn = unet_fn(base.unet, text, adapter.tokens(emb, feats), id_scale)
         return lightning_sample(fn, x_T).clamp(-1, 1)
@@ -99,7 +114,7 @@ def generate(base: OriginalModel, adapter: PuLIDAdapter | None, references: np.n
 @torch.no_grad()
 def evaluate(base: OriginalModel, adapter: PuLIDAdapter | None, evaluator: Evaluator, tests: TestSet,
              id_scales=(1.0,), batch: int = 64, progress: bool = True) -> dict:
-    """The three metrics (means, and per-row arrays under ``rows``) for each id_scale."""
+    """The three metrics (means over the test rows, and ``n``) for each id_scale: ``{"id_scale_1": {...}}``."""
     report = {}
     n = len(tests.prompts)
     for scale in id_scales:

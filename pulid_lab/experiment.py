@@ -32,11 +32,13 @@ class Experiment:
     stage: int = 3  # the last stage trained (1, 2 or 3)
     seed: int = 0
     id_source: str = "same"  # stage 1+: ID reference = the target itself, or another render of it
+    reference_view: str = "full"  # stage 1+: what the image encoder sees of the reference: full | crop
     id_loss: str = "lightning"  # stage 2+: lightning | naive
     grad_steps: int = 4  # stage 2+: Lightning steps backpropagated (k)
     lambda_id: float = 1.0  # stage 2+
     lambda_sem: float = 0.6  # stage 3
     lambda_layout: float = 0.1  # stage 3
+    align_reduction: str = "sum"  # stage 3: L_align over (layer, step) pairs: sum | mean
     id_scale: float = 1.0  # inference
     num_zero: int = 0  # inference: zero tokens appended to the ID tokens
     ortho: str = "off"  # inference: off | ortho | ortho_v2
@@ -66,12 +68,12 @@ class Experiment:
     def stage_training(self, stage: int) -> PuLIDTraining:
         """The training config of one stage of this experiment's chain (only the knobs that stage uses)."""
         b = self.budget
-        kw = dict(stage=stage, seed=self.seed, id_source=self.id_source, batch=b.batch,
+        kw = dict(stage=stage, seed=self.seed, id_source=self.id_source, reference_view=self.reference_view, batch=b.batch,
                   lightning_batch=b.lightning_batch, checkpoint_every=b.checkpoint_every)
         if stage >= 2:
             kw.update(id_loss=self.id_loss, grad_steps=self.grad_steps, lambda_id=self.lambda_id)
         if stage == 3:
-            kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout)
+            kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout, align_reduction=self.align_reduction)
         kw["steps"] = (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
         return PuLIDTraining(**kw)
 

@@ -156,7 +156,7 @@ def study(lab, adapters: dict, n: int = 64, timesteps=DEFAULT_TIMESTEPS, seed: i
     seeds = [40_000 + 1000 * seed + i for i in range(n)]
     out = IDLossStudy(timesteps, {}, {}, renders, captions)
     for name, adapter in adapters.items():
-        den = base_denoiser(lab.base, captions, adapter, lab.evaluator.conditioner, renders)
+        den = base_denoiser(lab.base, captions, adapter, lab.evaluator.conditioner_for(adapter), renders)
         out.naive[name], out.x0_hat_images[name] = naive_cosines(den, embed, x0, timesteps, seed, keep=max(1, examples))
         images = generate(lab.base, adapter, renders, [prompt] * n, seeds, lab.evaluator)
         out.lightning[name] = cosine(embed(images), embed(x0)).cpu().numpy()

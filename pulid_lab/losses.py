@@ -37,24 +37,36 @@ def _pairs(cap_id: Capture, cap_plain: Capture):
     return keys
 
 
-def align_semantic_loss(cap_id: Capture, cap_plain: Capture, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+REDUCTIONS = ("sum", "mean")
+
+
+def _reduce(total: torch.Tensor, pairs: int, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return total if reduction == "sum" else total / pairs
+
+
+def align_semantic_loss(cap_id: Capture, cap_plain: Capture, token_mask: torch.Tensor | None = None,
+                        reduction: str = "sum") -> torch.Tensor:
     """L_align_sem = sum over layers and steps of || softmax(K Q_tid^T/sqrt d) Q_tid - softmax(K Q_t^T/sqrt d) Q_t ||_2
-    (L2 norm over channels, mean over text tokens and batch). ``token_mask`` (B, N_txt) restricts to real tokens."""
-    total = 0.0
-    for key in _pairs(cap_id, cap_plain):
+    (L2 norm over channels, mean over text tokens and batch). ``token_mask`` (B, N_txt) restricts to real tokens.
+    ``reduction='mean'`` divides the sum by the number of (layer, step) pairs (a scale independent of depth)."""
+    total, keys = 0.0, _pairs(cap_id, cap_plain)
+    for key in keys:
         k = cap_id.k[key]
         diff = text_response(cap_id.q[key], k) - text_response(cap_plain.q[key], cap_plain.k[key])
         norms = torch.linalg.vector_norm(diff.float(), dim=-1)  # (B, N_txt)
         total = total + (norms[token_mask].mean() if token_mask is not None else norms.mean())
-    return total
+    return _reduce(total, len(keys), reduction)
 
 
-def align_layout_loss(cap_id: Capture, cap_plain: Capture) -> torch.Tensor:
-    """L_align_layout = sum over layers and steps of || Q_tid - Q_t ||_2 (L2 over channels, mean over positions)."""
-    total = 0.0
-    for key in _pairs(cap_id, cap_plain):
+def align_layout_loss(cap_id: Capture, cap_plain: Capture, reduction: str = "sum") -> torch.Tensor:
+    """L_align_layout = sum over layers and steps of || Q_tid - Q_t ||_2 (L2 over channels, mean over positions);
+    ``reduction='mean'``: divided by the number of (layer, step) pairs."""
+    total, keys = 0.0, _pairs(cap_id, cap_plain)
+    for key in keys:
         total = total + torch.linalg.vector_norm((cap_id.q[key] - cap_plain.q[key]).float(), dim=-1).mean()
-    return total
+    return _reduce(total, len(keys), reduction)
 
 
 def align_loss(cap_id: Capture, cap_plain: Capture, lambda_sem: float = LAMBDA_SEM, lambda_layout: float = LAMBDA_LAYOUT,

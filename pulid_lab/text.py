@@ -48,6 +48,13 @@ def build_text_encoder(hidden: int = 128, layers: int = 3, heads: int = 4) -> CL
 
 def load_text(folder: Path):
     """(tokenizer, text encoder) from ``folder/tokenizer`` and ``folder/text_encoder``."""
+    from transformers.utils import logging as hf_logging
     folder = Path(folder)
-    return (PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
-            CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32))
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 52-tensor load needs no progress bar in every notebook
+    try:
+        return (PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
+                CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32))
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()

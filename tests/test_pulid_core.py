@@ -124,6 +124,11 @@ def test_alignment_losses_against_hand_computation():
     total, terms = losses.align_loss(a, b)
     assert total.item() == pytest.approx(0.6 * hand_sem + 0.1 * hand_lay, rel=1e-5)
     assert losses.align_semantic_loss(a, a).item() == 0
+    # 'mean' divides by the 4 (layer, step) pairs
+    assert losses.align_semantic_loss(a, b, reduction="mean").item() == pytest.approx(hand_sem / 4, rel=1e-5)
+    assert losses.align_layout_loss(a, b, reduction="mean").item() == pytest.approx(hand_lay / 4, rel=1e-5)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        losses.align_layout_loss(a, b, reduction="max")
 
 
 def test_diffusion_and_id_losses_against_hand_computation():

@@ -91,6 +91,33 @@ def test_evaluate_on_a_tiny_set(smoke_models, bank, tmp_path):
     assert report["id_scale_0"]["purity"] == pytest.approx(1.0, abs=1e-5)  # no ID: identical images
 
 
+def test_adapter_remembers_its_reference_view_and_evaluation_follows_it(smoke_models, bank, tmp_path):
+    from pulid_lab.evaluate import Evaluator
+    models, _ = smoke_models
+    tr = trainer(smoke_models, bank, tmp_path, steps=1, reference_view="full")
+    tr.fit(progress=False)
+    loaded = load_adapter(tmp_path, load_base(models).unet)
+    assert loaded.reference_view == "full"
+    ev = Evaluator(models)
+    refs = bank.images[:2]
+    full_feats, crop_feats = ev.condition(refs, loaded)[1], ev.condition(refs, None)[1]
+    assert ev.conditioner_for(loaded).view == "full" and ev.conditioner_for(None).view == "crop"
+    assert not torch.allclose(full_feats[-1], crop_feats[-1])  # the image encoder saw different pixels
+    with pytest.raises(ValueError, match="reference_view must be one of"):
+        PuLIDTraining(reference_view="face")
+    with pytest.raises(ValueError, match="align_reduction must be one of"):
+        PuLIDTraining(align_reduction="max")
+
+
+def test_prompt_score_needs_a_prompt_that_names_an_attribute(smoke_models):
+    from pulid_lab.evaluate import Evaluator
+    ev = Evaluator(smoke_models[0])
+    images = torch.zeros(1, 3, 32, 32)
+    assert ev.prompt_correct(images, ["a portrait, sketch"]).shape == (1,)
+    with pytest.raises(ValueError, match="names no attribute"):
+        ev.prompt_correct(images, ["a portrait"])
+
+
 def test_reproduce_smoke_writes_table_claims_and_figures(smoke_models, tmp_path):
     import json
 
