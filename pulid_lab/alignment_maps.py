@@ -196,7 +196,8 @@ def layout_maps(cap_id: Capture, cap_plain: Capture) -> dict[tuple[str, int], to
 @dataclass
 class LossTerms:
     """The alignment loss terms of every layer (rows) and step (columns), averaged over the batch as the
-    trainer averages them. Their sums are ``losses.align_semantic_loss`` / ``align_layout_loss``."""
+    trainer averages them. Their sums are ``losses.align_semantic_loss`` / ``align_layout_loss`` (the trainer's
+    default ``align_reduction='mean'`` divides those by the number of (layer, step) pairs)."""
     layers: list[str]
     steps: list[int]
     semantic: np.ndarray  # (L, S)

@@ -74,9 +74,12 @@ def _evaluate(args):
 def _reproduce(args):
     from .config import resolve_profile
     from .reproduce import reproduce
+    import time
     profile = resolve_profile(args.profile)
+    t0 = time.time()
     table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, figures=Path(args.figures))
     print((Path(args.out) / "table2.md").read_text())
+    print(f"{(time.time() - t0) / 60:.1f} min (this run; stages and rows already in {args.out} were reused)")
     print(f"table: {Path(args.out) / 'table2.json'} and table2.md; figures: {Path(args.figures) / 'table2.png'}, "
           f"{Path(args.figures) / 'id_insertion.png'}")
     return table

@@ -84,14 +84,16 @@ class ReproduceProfile:
     stage2_steps: int
     stage3_steps: int
     batch: int
-    lightning_batch: int
+    lightning_batch: int  # ID loss on the Lightning branch
+    align_batch: int  # alignment loss (stage 3)
     eval_ids: int
     bank_variants: int
     checkpoint_every: int = 50
 
 
 REPRODUCE_PROFILES = {
-    "smoke": ReproduceProfile(2, 1, 1, batch=4, lightning_batch=2, eval_ids=2, bank_variants=2, checkpoint_every=1),
-    "quick": ReproduceProfile(300, 120, 120, batch=16, lightning_batch=4, eval_ids=25, bank_variants=8),
-    "paper": ReproduceProfile(600, 250, 250, batch=16, lightning_batch=4, eval_ids=100, bank_variants=24),
+    "smoke": ReproduceProfile(2, 1, 1, batch=4, lightning_batch=2, align_batch=2, eval_ids=2, bank_variants=2,
+                              checkpoint_every=1),
+    "quick": ReproduceProfile(300, 200, 80, batch=16, lightning_batch=8, align_batch=4, eval_ids=12, bank_variants=8),
+    "paper": ReproduceProfile(600, 400, 160, batch=16, lightning_batch=8, align_batch=4, eval_ids=50, bank_variants=24),
 }

@@ -56,6 +56,14 @@ def test_set(n_ids: int = 100, prompts=EVAL_PROMPTS) -> TestSet:
                    [EVAL_SEED + k for k in range(len(rows))])
 
 
+def spread_rows(tests: TestSet, n: int) -> np.ndarray:
+    """``n`` row indices of ``tests`` with different identities and different prompts where the set allows:
+    row r takes identity r and prompt r (both modulo what the set holds)."""
+    n_prompts = len(dict.fromkeys(tests.prompts))
+    n_ids = len(tests.prompts) // n_prompts
+    return np.array([(r % n_ids) * n_prompts + r % n_prompts for r in range(n)])
+
+
 class Evaluator:
     """Frozen evaluation models (phi_eval, probe, detector) + the conditioning path."""
 

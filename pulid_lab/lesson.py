@@ -70,9 +70,9 @@ class Lab:
 
     def examples(self, n: int = 4, n_ids: int | None = None):
         """(references (n,32,32,3) uint8, prompts, seeds): n rows spread over the held-out test set."""
-        from .evaluate import test_set
+        from .evaluate import spread_rows, test_set
         tests = test_set(n_ids or max(1, n))
-        pick = np.linspace(0, len(tests.prompts) - 1, n).astype(int)
+        pick = spread_rows(tests, n)
         return tests.references[pick], [tests.prompts[i] for i in pick], [tests.seeds[i] for i in pick]
 
     def generate(self, adapter, references, prompts, seeds, id_scale: float = 1.0) -> np.ndarray:

@@ -113,10 +113,8 @@ def table2(table: dict, out=None):
 def id_insertion(base, adapters: dict, evaluator, tests, n: int = 6, out=None):
     """Same prompts and noise; columns: reference, without ID, then one column per adapter (row of Table 2)."""
     from .data import to_uint8
-    from .evaluate import generate
-    n_prompts = len(set(tests.prompts))
-    # row r: identity r, prompt r (mod the prompt list) -- n different identities and prompts
-    pick = np.array([(r * n_prompts + r % n_prompts) % len(tests.prompts) for r in range(n)])
+    from .evaluate import generate, spread_rows
+    pick = spread_rows(tests, n)
     refs, prompts, seeds = tests.references[pick], [tests.prompts[i] for i in pick], [tests.seeds[i] for i in pick]
     cols = [refs, to_uint8(generate(base, None, refs, prompts, seeds, evaluator))]
     for adapter in adapters.values():

@@ -55,12 +55,14 @@ class PuLIDTraining:
     lambda_sem: float = losses.LAMBDA_SEM
     lambda_layout: float = losses.LAMBDA_LAYOUT
     lambda_id: float = losses.LAMBDA_ID
-    # L_align over the (layer, step) pairs: 'sum' as the paper writes it, or 'mean' (sum / pairs)
-    align_reduction: str = "sum"
+    # L_align over the (layer, step) pairs: 'sum' as the paper writes it, or 'mean' (sum / pairs): the mini
+    # world's default, see experiment.Experiment.align_reduction for the measurement behind it
+    align_reduction: str = "mean"
     grad_steps: int = 4  # Lightning steps backpropagated (k)
     steps: int = 1000
     batch: int = 16  # diffusion branch
-    lightning_batch: int = 4  # Lightning branch
+    lightning_batch: int = 8  # Lightning branch of the ID loss
+    align_batch: int = 4  # Lightning paths of the alignment loss (stage 3; each runs with and without the ID)
     lr: float = 1e-3  # measured: 1e-4 leaves the adapter near its initialisation within the profiles' budgets
     caption_dropout: float = 0.5  # incomplete captions: the shortcut through the ID path
     naive_max_t: int = 1000  # naive ID loss at timesteps below this (1000 = any)
@@ -163,7 +165,7 @@ class PuLIDTrainer:
                                       use_checkpoint=cfg.lightning_checkpoint)
                 out["id"] = losses.id_loss(self.phi, self.detector, ref_emb[:n], lt.image_id)
         if cfg.stage == 3:
-            n = cfg.lightning_batch
+            n = cfg.align_batch
             prompts = [ALIGN_PROMPTS[j] for j in rng.integers(len(ALIGN_PROMPTS), size=n)]
             x_T = initial_noise(n, [int(s) for s in rng.integers(2**31, size=n)], dev)
             br = lightning_branch(self.base.unet, self.base.encode(prompts), tokens[:n], x_T, grad_steps=cfg.grad_steps,

@@ -109,6 +109,15 @@ def test_adapter_remembers_its_reference_view_and_evaluation_follows_it(smoke_mo
         PuLIDTraining(align_reduction="max")
 
 
+def test_spread_rows_differ_in_identity_and_prompt():
+    from pulid_lab.evaluate import spread_rows, test_set
+    tests = test_set(n_ids=25)
+    pick = spread_rows(tests, 6)
+    assert len(set(tests.ids[pick])) == 6 and len(set(tests.prompts[i] for i in pick)) == 6
+    small = test_set(n_ids=2)
+    assert len(set(small.prompts[i] for i in spread_rows(small, 6))) == 6  # identities repeat, prompts do not
+
+
 def test_prompt_score_needs_a_prompt_that_names_an_attribute(smoke_models):
     from pulid_lab.evaluate import Evaluator
     ev = Evaluator(smoke_models[0])
