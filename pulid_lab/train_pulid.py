@@ -164,7 +164,7 @@ class PuLIDTrainer:
                                       grad_steps=cfg.grad_steps, with_plain=False, capture=False,
                                       use_checkpoint=cfg.lightning_checkpoint)
                 out["id"] = losses.id_loss(self.phi, self.detector, ref_emb[:n], lt.image_id)
-        if cfg.stage == 3:
+        if cfg.stage == 3 and (cfg.lambda_sem or cfg.lambda_layout):  # both lambdas 0: nothing to align
             n = cfg.align_batch
             prompts = [ALIGN_PROMPTS[j] for j in rng.integers(len(ALIGN_PROMPTS), size=n)]
             x_T = initial_noise(n, [int(s) for s in rng.integers(2**31, size=n)], dev)

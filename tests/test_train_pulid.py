@@ -8,7 +8,7 @@ from pulid_lab.data import render_bank
 from pulid_lab.id_encoder import IDEncoderConfig
 from pulid_lab.train_pulid import NonFiniteLoss, PuLIDTrainer, PuLIDTraining, load_adapter, reference_indices
 
-SMALL = dict(batch=4, lightning_batch=2, checkpoint_every=1, encoder=IDEncoderConfig(width=32, n_global=2))
+SMALL = dict(batch=4, lightning_batch=2, align_batch=2, checkpoint_every=1, encoder=IDEncoderConfig(width=32, n_global=2))
 
 
 @pytest.fixture(scope="module")
