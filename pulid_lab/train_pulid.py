@@ -75,7 +75,7 @@ class PuLIDTraining:
     # code feeds EVA-CLIP; measured: weaker contamination, Face Sim no better)
     reference_view: str = "full"
     # per-step gradient checkpointing of the Lightning branch: what makes k=4 affordable on SDXL; a 32x32 mini
-    # UNet's activations at batch 4 are a few MB, so the mini world skips the recomputation (~25% of a step)
+    # UNet's activations at batch 4 are a few MB, so the mini world skips the recomputation (one extra forward per step)
     lightning_checkpoint: bool = False
 
     def __post_init__(self):
