@@ -23,6 +23,7 @@ from .config import REPRODUCE_PROFILES, ReproduceProfile
 from .train_pulid import PuLIDTrainer, PuLIDTraining, load_adapter
 
 ORTHO_MODES = ("off", "ortho", "ortho_v2")
+_TRAINING = PuLIDTraining()  # the defaults of every training knob
 
 
 @dataclass
@@ -30,18 +31,19 @@ class Experiment:
     """Every knob a grid may turn. Training knobs act on the stage named in the comment and on later ones."""
     profile: str = "quick"  # step budgets and test-set size (reproduce.REPRODUCE_PROFILES)
     stage: int = 3  # the last stage trained (1, 2 or 3)
-    seed: int = 0
-    id_source: str = "same"  # stage 1+: ID reference = the target itself, or another render of it
-    reference_view: str = "full"  # stage 1+: what the image encoder sees of the reference: full | crop
-    id_loss: str = "lightning"  # stage 2+: lightning | naive
-    grad_steps: int = 4  # stage 2+: Lightning steps backpropagated (k)
-    lambda_id: float = 1.0  # stage 2+
-    lambda_sem: float = 0.6  # stage 3
-    lambda_layout: float = 0.1  # stage 3
+    seed: int = _TRAINING.seed
+    # the training knobs' defaults are PuLIDTraining's (one place for each default)
+    id_source: str = _TRAINING.id_source  # stage 1+: ID reference = the target itself, or another render of it
+    reference_view: str = _TRAINING.reference_view  # stage 1+: what the image encoder sees of the reference: full | crop
+    id_loss: str = _TRAINING.id_loss  # stage 2+: lightning | naive
+    grad_steps: int = _TRAINING.grad_steps  # stage 2+: Lightning steps backpropagated (k)
+    lambda_id: float = _TRAINING.lambda_id  # stage 2+
+    lambda_sem: float = _TRAINING.lambda_sem  # stage 3
+    lambda_layout: float = _TRAINING.lambda_layout  # stage 3
     # stage 3: L_align over the (layer, step) pairs: "sum" as the paper writes it, or "mean" (= sum / 28 pairs in the
     # mini UNet). Measured (quick budgets, 96 test rows): the sum at lambda 0.6/0.1 kept 65% of Stage 2's Face Sim,
     # the mean 87% (4 Lightning ID samples per step) and 79% (8, the main job's run)
-    align_reduction: str = "mean"
+    align_reduction: str = _TRAINING.align_reduction
     id_scale: float = 1.0  # inference
     num_zero: int = 0  # inference: zero tokens appended to the ID tokens
     ortho: str = "off"  # inference: off | ortho | ortho_v2

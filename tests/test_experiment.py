@@ -55,3 +55,29 @@ def test_stage_key_changes_with_the_base_model(smoke_models, tmp_path):
     manifest["files"][name]["sha256"] = "0" * 64  # another base model
     checkpoints.write_manifest(copy, manifest)
     assert stage_key(cfg, None, copy) != before
+
+
+def test_defaults_have_one_source():
+    """Experiment's training knobs default to PuLIDTraining's, and experiment.ipynb's parameters cell (literals,
+    for papermill) states the same values, so a grid cell without overrides is the main job's recipe."""
+    import ast
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from pulid_lab.train_pulid import PuLIDTraining
+
+    exp, training = Experiment(), PuLIDTraining()
+    shared = ({f.name for f in fields(Experiment)} & {f.name for f in fields(PuLIDTraining)}) - {"stage"}  # stage: last vs own
+    assert {"lambda_sem", "lambda_layout", "align_reduction", "reference_view", "id_loss"} <= shared
+    assert {k: getattr(exp, k) for k in shared} == {k: getattr(training, k) for k in shared}
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "experiment.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    literals = {}
+    for node in ast.parse("".join(cell["source"])).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            literals[node.targets[0].id] = node.value.value
+    knobs = {f.name for f in fields(Experiment)} - {"profile"}
+    assert knobs <= set(literals), f"experiment.ipynb lacks parameters {sorted(knobs - set(literals))}"
+    assert {k: literals[k] for k in knobs} == {k: getattr(exp, k) for k in knobs}
