@@ -263,9 +263,9 @@ def report(out: str | Path, figure: str | Path | None = None, table2: str | Path
         raise GridError(f"{out}/results.csv has no results yet")
     paper_rows = json.loads(Path(table2).read_text()) if table2 else None
     fig_path = Path(figure) if figure else out / "pareto.png"
-    plots.pareto(rows, paper_rows, out=fig_path, title=out.name)
     varied = [k for k in rows[0] if k not in (*METRICS, "config", "n", "seconds")
               and len({r[k] for r in rows}) > 1]
+    plots.pareto(rows, paper_rows, out=fig_path, title=out.name, varied=varied)
     lines = ["| " + " | ".join(varied + list(METRICS)) + " | Pareto (prompt score) | Pareto (purity) |",
              "|" + "---|" * (len(varied) + len(METRICS) + 2)]
     front_p = {r["config"] for r in pareto_front(rows, "face_sim", "prompt_score")}

@@ -124,26 +124,51 @@ def id_insertion(base, adapters: dict, evaluator, tests, n: int = 6, out=None):
                       ["reference", "without ID"] + list(adapters), scale=1.1, out=out)
 
 
-def pareto(rows: list[dict], table2: dict | None = None, out=None, title: str = ""):
+def pareto(rows: list[dict], table2: dict | None = None, out=None, title: str = "", varied: list[str] | None = None):
     """Face Sim (x) vs prompt score and vs purity (y), one point per grid config, Pareto front drawn;
-    the rows of a reproduce ``table2.json`` (if given) marked as the paper's rows."""
+    the rows of a reproduce ``table2.json`` (if given) marked as the paper's rows. With one or two ``varied``
+    parameters, the first is the colour and the second the marker (a legend, no crowded labels)."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from .grid import pareto_front
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    varied = list(varied or [])
+    encode = 1 <= len(varied) <= 2
+    if encode:
+        colour_values = sorted({r[varied[0]] for r in rows}, key=str)
+        colours = dict(zip(colour_values, plt.cm.viridis(np.linspace(0.1, 0.85, len(colour_values)))))
+        marker_values = sorted({r[varied[1]] for r in rows}, key=str) if len(varied) == 2 else [None]
+        markers = dict(zip(marker_values, "osD^vP*Xph"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, y in zip(axes, ("prompt_score", "purity")):
-        ax.scatter([r["face_sim"] for r in rows], [r[y] for r in rows], s=18, color="#2c7fb8", label="grid configs")
-        for r in rows:
-            ax.annotate(str(r["config"]).replace("__", "\n"), (r["face_sim"], r[y]), fontsize=5, alpha=0.7)
         front = pareto_front(rows, "face_sim", y)
-        ax.plot([r["face_sim"] for r in front], [r[y] for r in front], "-", color="#c0392b", lw=1, label="Pareto front")
+        ax.plot([r["face_sim"] for r in front], [r[y] for r in front], "-", color="#c0392b", lw=1, zorder=1)
+        for r in rows:
+            if encode:
+                ax.scatter(r["face_sim"], r[y], s=40, zorder=2, color=colours[r[varied[0]]],
+                           marker=markers[r[varied[1]] if len(varied) == 2 else None], edgecolor="k", linewidth=0.4)
+            else:
+                ax.scatter(r["face_sim"], r[y], s=18, color="#2c7fb8", zorder=2)
+                label = ", ".join(f"{k}={r[k]}" for k in varied) if varied else str(r["config"])
+                ax.annotate(label, (r["face_sim"], r[y]), fontsize=5, alpha=0.7)
         if table2:
             from .reproduce import ROW_LABELS
             for row, vals in table2["rows"].items():
-                ax.scatter(vals["face_sim"]["mean"], vals[y]["mean"], marker="*", s=90, color="#d8a03a", zorder=3)
-                ax.annotate(ROW_LABELS.get(row, row), (vals["face_sim"]["mean"], vals[y]["mean"]), fontsize=6, color="#8a5a00")
+                ax.scatter(vals["face_sim"]["mean"], vals[y]["mean"], marker="*", s=110, color="#d8a03a",
+                           edgecolor="#8a5a00", linewidth=0.5, zorder=3)
+                ax.annotate(ROW_LABELS.get(row, row), (vals["face_sim"]["mean"], vals[y]["mean"]), fontsize=6,
+                            color="#8a5a00", xytext=(4, -9), textcoords="offset points")
         ax.set_xlabel("Face Sim (higher = more ID fidelity)")
         ax.set_ylabel(y.replace("_", " ") + (" (CLIP-T analog)" if y == "prompt_score" else " (CLIP-I analog)"))
-        ax.legend(fontsize=6, loc="lower left")
+    handles = [Line2D([], [], color="#c0392b", lw=1, label="Pareto front")]
+    if encode:
+        handles += [Line2D([], [], ls="", marker="o", color=c, label=f"{varied[0]} = {v}") for v, c in colours.items()]
+        if len(varied) == 2:
+            handles += [Line2D([], [], ls="", marker=m, color="grey", label=f"{varied[1]} = {v}") for v, m in markers.items()]
+    else:
+        handles.append(Line2D([], [], ls="", marker="o", color="#2c7fb8", label="grid configs"))
+    if table2:
+        handles.append(Line2D([], [], ls="", marker="*", markersize=9, color="#d8a03a", label="main job's rows"))
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(f"Ablation grid {title}: ID fidelity vs editability", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     return save(fig, out)
