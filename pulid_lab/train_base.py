@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -36,6 +37,8 @@ class BaseTraining:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
+    # weight of the caption-reading loss on the text tokens (CaptionReader); 0 = the diffusion loss alone
+    caption_reading: float = 0.0
 
 
 def captions_for(labels: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator, attribute_dropout: float,
@@ -52,6 +55,36 @@ def captions_for(labels: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.
     return out
 
 
+class CaptionReader(nn.Module):
+    """Training-only head: reads every attribute of the caption back from the text tokens (mean over the tokens).
+
+    Joint training alone let the text encoder merge the words the UNet had not learned to use yet: in the shipped
+    base, the tokens of "on the left" and "on the right" differ by 4% (relative L2) against 76% for two background
+    colours, and the samples ignore position, glasses, hat and expression. Asking the tokens to name every
+    attribute keeps those words apart while the UNet learns them."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({a: nn.Linear(hidden, len(v) + 1) for a, v in vocab.ATTRIBUTES.items()})
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = tokens.mean(1)  # (B, 32, D) -> (B, D)
+        return {a: head(pooled) for a, head in self.heads.items()}  # logits: the values, then "not mentioned"
+
+
+def caption_labels(captions: list[str], device=None) -> dict[str, torch.Tensor]:
+    """Class per attribute for each caption: the value's index, or len(values) when the caption is silent."""
+    parsed = [vocab.parse(c) for c in captions]
+    return {a: torch.tensor([values.index(p[a]) if p[a] is not None else len(values) for p in parsed], device=device)
+            for a, values in vocab.ATTRIBUTES.items()}
+
+
+def caption_reading_loss(reader: CaptionReader, tokens: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    labels = caption_labels(captions, tokens.device)
+    logits = reader(tokens.float())
+    return torch.stack([F.cross_entropy(logits[a], labels[a]) for a in logits]).mean()  # mean CE over attributes
+
+
 def _lr(step, cfg):
     warm = 200
     if step < warm:
@@ -60,23 +93,32 @@ def _lr(step, cfg):
 
 
 def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resume: bool = False,
-               progress: bool = True, stop_after: int | None = None) -> tuple[OriginalModel, dict]:
+               progress: bool = True, stop_after: int | None = None,
+               init: OriginalModel | None = None) -> tuple[OriginalModel, dict]:
     """Train (or resume) the original model; returns the EMA model in eval mode and training stats.
 
     ``stop_after`` ends the run early at that step (after checkpointing) — used by tests of resumption.
+    ``init`` starts from a trained model's weights (continued training) instead of a fresh initialisation.
     """
     device = default_device(device)
     state_dir = Path(state_dir)
     state_path = state_dir / "train_state.pt"
     torch.manual_seed(cfg.seed)
     model = OriginalModel(cfg.model).to(device)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     ema = copy.deepcopy(model).requires_grad_(False)
+    reader = CaptionReader(cfg.model.text_hidden).to(device) if cfg.caption_reading else None
     params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
+    if reader is not None:
+        params += list(reader.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, losses, seconds = 0, [], 0.0
     if resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["opt"])
+        if reader is not None:
+            reader.load_state_dict(st["reader"])
         start, losses, seconds = st["step"], st["losses"], st["seconds"]
     sched = training_scheduler()
     images = to_tensor(bank.images)
@@ -96,7 +138,10 @@ def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resu
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         with autocast(device):
-            loss = F.mse_loss(model.predict(x_t, t, model.encode(caps)).float(), v)  # L_diff = ||v_hat - v||^2
+            tokens = model.encode(caps)
+            loss = F.mse_loss(model.predict(x_t, t, tokens).float(), v)  # L_diff = ||v_hat - v||^2
+            if reader is not None:
+                loss = loss + cfg.caption_reading * caption_reading_loss(reader, tokens, caps)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"base model: loss {loss.item()} at step {step}; the last good state is {state_path}")
         opt.zero_grad(set_to_none=True)
@@ -110,7 +155,7 @@ def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resu
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            _save_state(state_path, model, ema, opt, step + 1, losses, seconds + time.time() - t0)
+            _save_state(state_path, model, ema, opt, step + 1, losses, seconds + time.time() - t0, reader)
     seconds += time.time() - t0
     stats = {"steps": cfg.steps, "batch": cfg.batch, "final_loss": round(float(np.mean(losses[-200:])), 5) if losses else None,
              "train_seconds": round(seconds, 1), "images_per_second": round(cfg.batch * len(losses) / max(seconds, 1e-9), 1),
@@ -118,9 +163,9 @@ def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resu
     return ema.eval(), stats
 
 
-def _save_state(path: Path, model, ema, opt, step, losses, seconds):
+def _save_state(path: Path, model, ema, opt, step, losses, seconds, reader=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "losses": losses, "seconds": seconds}, tmp)
+                "losses": losses, "seconds": seconds, "reader": reader.state_dict() if reader is not None else None}, tmp)
     os.replace(tmp, path)

@@ -107,3 +107,30 @@ def test_base_training_resumes_to_the_same_weights(tmp_path):
     assert stats["resumed_from_step"] == 4
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_caption_labels_name_each_attribute_or_silence():
+    from pulid_lab.train_base import caption_labels
+    labels = caption_labels(["a portrait, blue background, glasses, on the right", ""])
+    assert labels["background"].tolist() == [vocab.ATTRIBUTES["background"].index("blue"), len(vocab.ATTRIBUTES["background"])]
+    assert labels["glasses"].tolist() == [1, 2] and labels["position"].tolist() == [2, 3]
+    assert labels["hat"].tolist() == [2, 2]  # silent in both
+
+
+def test_caption_reading_trains_a_reader_and_resumes_with_it(tmp_path):
+    """The reading loss joins the total, its head's state travels with the resume state, and a run continued
+    from a trained model (init) starts from that model's weights."""
+    bank = render_bank(world.TRAIN_IDS[:16], 2, seed=0, progress=False)
+    cfg = BaseTraining(model=TINY, steps=6, batch=4, checkpoint_every=2, caption_reading=0.5)
+    plain, plain_stats = train_base(BaseTraining(model=TINY, steps=6, batch=4), bank, tmp_path / "p", progress=False)
+    full, stats = train_base(cfg, bank, tmp_path / "a", progress=False)
+    assert stats["final_loss"] > plain_stats["final_loss"] + 0.1  # + 0.5 x cross-entropy over 9 attributes
+    train_base(cfg, bank, tmp_path / "b", progress=False, stop_after=4)
+    assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["reader"] is not None
+    resumed, _ = train_base(cfg, bank, tmp_path / "b", progress=False, resume=True)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    continued, _ = train_base(BaseTraining(model=TINY, steps=1, batch=4, lr=0.0), bank, tmp_path / "c",
+                              progress=False, init=full)
+    for (k, a), (_, b) in zip(full.state_dict().items(), continued.state_dict().items()):
+        assert torch.allclose(a, b), k  # lr 0: the continued run keeps the init weights
