@@ -59,9 +59,12 @@ class CaptionReader(nn.Module):
     """Training-only head: reads every attribute of the caption back from the text tokens (mean over the tokens).
 
     Joint training alone let the text encoder merge the words the UNet had not learned to use yet: in the shipped
-    base, the tokens of "on the left" and "on the right" differ by 4% (relative L2) against 76% for two background
-    colours, and the samples ignore position, glasses, hat and expression. Asking the tokens to name every
-    attribute keeps those words apart while the UNet learns them."""
+    base, the tokens of "on the left" and "on the right" differ by 4-12% (relative L2) against 76% for two
+    background colours, and the samples ignore position, glasses, hat and expression. Asking the tokens to name
+    every attribute keeps those words apart. Measured (500 steps continuing the shipped base, weight 0.1): the
+    tokens separate (left/right 0.06 -> 0.25, glasses/no glasses 0.09 -> 0.48 against a control run without it)
+    but the samples still ignore those words (prompt score 0.630 vs 0.661, position 0.38 vs 0.39): the UNet, not
+    the text encoder, is what does not follow them. Off by default."""
 
     def __init__(self, hidden: int):
         super().__init__()
