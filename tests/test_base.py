@@ -12,6 +12,11 @@ TINY = BaseModelConfig(block_out_channels=(16, 32, 32), attention_head_dim=16, n
                        text_hidden=32, text_layers=1, text_heads=2)
 
 
+def _assert_same_weights(a, b, atol=1e-8):
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=atol), k
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -105,8 +110,7 @@ def test_base_training_resumes_to_the_same_weights(tmp_path):
     train_base(cfg, bank, tmp_path / "b", progress=False, stop_after=4)  # "interrupted" after step 4
     resumed, stats = train_base(cfg, bank, tmp_path / "b", progress=False, resume=True)
     assert stats["resumed_from_step"] == 4
-    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.allclose(a, b, atol=1e-6), k
+    _assert_same_weights(full, resumed, atol=1e-6)
 
 
 def test_caption_labels_name_each_attribute_or_silence():
@@ -128,9 +132,7 @@ def test_caption_reading_trains_a_reader_and_resumes_with_it(tmp_path):
     train_base(cfg, bank, tmp_path / "b", progress=False, stop_after=4)
     assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["reader"] is not None
     resumed, _ = train_base(cfg, bank, tmp_path / "b", progress=False, resume=True)
-    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.allclose(a, b, atol=1e-6), k
+    _assert_same_weights(full, resumed, atol=1e-6)
     continued, _ = train_base(BaseTraining(model=TINY, steps=1, batch=4, lr=0.0), bank, tmp_path / "c",
                               progress=False, init=full)
-    for (k, a), (_, b) in zip(full.state_dict().items(), continued.state_dict().items()):
-        assert torch.allclose(a, b), k  # lr 0: the continued run keeps the init weights
+    _assert_same_weights(full, continued)  # lr 0: the continued run keeps the init weights

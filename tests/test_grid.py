@@ -101,5 +101,5 @@ def test_pareto_plot_encodes_up_to_two_varied_parameters(tmp_path, varied):
     rows = [{"config": f"c{i}", "face_sim": 0.1 * i, "prompt_score": 0.9 - 0.1 * i, "purity": 0.95 - 0.01 * i,
              **{k: (i + j) % 3 for j, k in enumerate(varied)}} for i in range(6)]
     table2 = {"rows": {"stage1": {m: {"mean": 0.5} for m in ("face_sim", "prompt_score", "purity")}}}
-    out = plots.pareto(rows, table2, out=tmp_path / "p.png", title="t", varied=varied)
+    plots.pareto(rows, table2, out=tmp_path / "p.png", title="t", varied=varied)
     assert (tmp_path / "p.png").stat().st_size > 10_000
