@@ -136,3 +136,27 @@ def test_caption_reading_trains_a_reader_and_resumes_with_it(tmp_path):
     continued, _ = train_base(BaseTraining(model=TINY, steps=1, batch=4, lr=0.0), bank, tmp_path / "c",
                               progress=False, init=full)
     _assert_same_weights(full, continued)  # lr 0: the continued run keeps the init weights
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
+    """With ``pooled_text`` the caption also enters through the time embedding: silence every cross-attention
+    layer (to_v = 0) and the output still depends on the caption; without it, it no longer does. The option
+    survives save / load."""
+    from dataclasses import replace
+    torch.manual_seed(0)
+    model = OriginalModel(replace(TINY, pooled_text=pooled)).eval()
+    with torch.no_grad():
+        for name, module in model.unet.named_modules():
+            if name.endswith(("attn1", "attn2")):  # only_cross_attention: attn1 attends to the text too
+                module.to_v.weight.zero_()
+                module.to_v.bias is None or module.to_v.bias.zero_()
+        x, t = initial_noise(2, 0), torch.tensor([700, 700])
+        a = model.predict(x, t, model.encode(["a portrait, hat", "a portrait, hat"]))
+        b = model.predict(x, t, model.encode(["a portrait, no hat, sketch", "a portrait, no hat, sketch"]))
+        assert ((a - b).abs().max() > 1e-3) == pooled
+        model.save(tmp_path)
+        loaded = OriginalModel.load(tmp_path, model.cfg)
+        assert hasattr(loaded.unet, "add_embedding") == pooled
+        tokens = model.encode(["a portrait, hat"] * 2)
+        assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
