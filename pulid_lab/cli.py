@@ -66,8 +66,8 @@ def _evaluate(args):
     device = default_device(args.device)
     base = load_base(args.models, device)
     adapter = load_adapter(Path(args.checkpoint), base.unet).to(device)
-    report = evaluate(base, adapter, Evaluator(args.models, device), test_set(args.ids), tuple(args.id_scales),
-                      progress=not args.json)
+    tests = test_set(args.ids, split=args.split)
+    report = evaluate(base, adapter, Evaluator(args.models, device), tests, tuple(args.id_scales), progress=not args.json)
     print(json.dumps(report, indent=None if args.json else 2))
 
 
@@ -164,8 +164,11 @@ def main(argv=None):
 
     e = sub.add_parser("evaluate", help="Face Sim, prompt score and purity of a trained adapter on the held-out test set")
     e.add_argument("checkpoint", help="folder with adapter.safetensors + manifest.json (a trainer's output)")
-    e.add_argument("--ids", type=int, default=100, help="held-out identities (x 8 prompts)")
+    e.add_argument("--ids", type=int, default=100,
+                   help="held-out identities (x 8 prompts); at most 150 (test) or 50 (validation)")
     e.add_argument("--id-scales", type=float, nargs="+", default=[1.0, 0.5])
+    e.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="held-out identities: the test set (first 150) or the validation set (last 50)")
     e.add_argument("--models", default=None)
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true")

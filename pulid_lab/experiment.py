@@ -18,7 +18,7 @@ from pathlib import Path
 from . import checkpoints, world
 from .attention import IDAttnSettings
 from .data import render_bank
-from .evaluate import Evaluator, evaluate, test_set
+from .evaluate import SPLITS, Evaluator, evaluate, test_set
 from .config import REPRODUCE_PROFILES, ReproduceProfile
 from .train_pulid import PuLIDTrainer, PuLIDTraining, load_adapter
 
@@ -48,12 +48,16 @@ class Experiment:
     num_zero: int = 0  # inference: zero tokens appended to the ID tokens
     ortho: str = "off"  # inference: off | ortho | ortho_v2
     eval_ids: int = 0  # held-out identities evaluated (x 8 prompts); 0 = the profile's number
+    # which held-out identities: "test" (what the tables report) or "validation" (choose a recipe there)
+    eval_split: str = "test"
 
     def __post_init__(self):
         if self.profile not in REPRODUCE_PROFILES:
             raise ValueError(f"profile must be one of {tuple(REPRODUCE_PROFILES)}, got {self.profile!r}")
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"eval_split must be one of {tuple(SPLITS)}, got {self.eval_split!r}")
         if self.ortho not in ORTHO_MODES:
             raise ValueError(f"ortho must be one of {ORTHO_MODES}, got {self.ortho!r}")
         self.stage_training(self.stage)  # PuLIDTraining validates id_loss, id_source, grad_steps
@@ -142,7 +146,7 @@ def run_experiment(exp: Experiment, stages_dir: Path, models_dir: Path | None = 
     adapter_dir = train_chain(exp, stages_dir, models_dir, base, device, progress)
     adapter = load_adapter(adapter_dir, base.unet).to(device)
     adapter.use_settings(exp.settings())
-    tests = test_set(exp.eval_ids or exp.budget.eval_ids)
+    tests = test_set(exp.eval_ids or exp.budget.eval_ids, split=exp.eval_split)
     metrics = evaluate(base, adapter, Evaluator(models_dir, device), tests, (exp.id_scale,), progress=progress)
     return {"params": asdict(exp), **metrics[f"id_scale_{exp.id_scale:g}"], "adapter": str(adapter_dir),
             "seconds": round(time.time() - t0, 1)}

@@ -14,6 +14,8 @@ def test_unknown_and_bad_parameters_are_clear():
         Experiment(id_loss="exact")
     with pytest.raises(ValueError, match="profile must be one of"):
         Experiment(profile="huge")
+    with pytest.raises(ValueError, match="eval_split must be one of"):
+        Experiment(eval_split="train")
 
 
 def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):

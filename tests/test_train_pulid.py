@@ -118,6 +118,21 @@ def test_spread_rows_differ_in_identity_and_prompt():
     assert len(set(small.prompts[i] for i in spread_rows(small, 6))) == 6  # identities repeat, prompts do not
 
 
+def test_validation_split_shares_nothing_with_the_test_set():
+    """A recipe chosen on the validation split never saw a test identity, reference or noise seed; the test set
+    is what it was before the split existed (the first held-out identities, noise from EVAL_SEED)."""
+    from pulid_lab import world
+    from pulid_lab.evaluate import EVAL_SEED, test_set
+    test, val = test_set(150), test_set(50, split="validation")
+    assert not set(test.ids) & set(val.ids) and not set(test.seeds) & set(val.seeds)
+    assert list(test_set(3).ids[::8]) == list(world.HELDOUT_IDS[:3]) and test_set(3).seeds[0] == EVAL_SEED
+    assert not any((val.references == r).all((1, 2, 3)).any() for r in test.references[::8])
+    with pytest.raises(ValueError, match="validation split has 50 identities"):
+        test_set(51, split="validation")
+    with pytest.raises(ValueError, match="split must be one of"):
+        test_set(2, split="train")
+
+
 def test_prompt_score_needs_a_prompt_that_names_an_attribute(smoke_models):
     from pulid_lab.evaluate import Evaluator
     ev = Evaluator(smoke_models[0])
