@@ -18,12 +18,15 @@ def _write(tmp_path, spec) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["alignment", "id_loss", "id_source", "inference"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "grids").glob("*.yaml")))
 def test_shipped_grids_load(name):
+    from pulid_lab.experiment import Experiment
     full, smoke = load_grid(ROOT / "grids" / f"{name}.yaml"), load_grid(ROOT / "grids" / f"{name}.yaml", smoke=True)
     assert full.notebook == NOTEBOOK and len(smoke.configs) <= len(full.configs)
     assert all(p["profile"] == "smoke" for p in smoke.configs.values())
-    assert all(p["profile"] == "quick" for p in full.configs.values())
+    assert all(p["profile"] in ("quick", "paper") for p in full.configs.values())
+    for params in list(full.configs.values()) + list(smoke.configs.values()):
+        Experiment.from_params(params)  # every cell is a valid experiment
 
 
 def test_axes_are_crossed(tmp_path):
