@@ -150,7 +150,8 @@ def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
         for name, module in model.unet.named_modules():
             if name.endswith(("attn1", "attn2")):  # only_cross_attention: attn1 attends to the text too
                 module.to_v.weight.zero_()
-                module.to_v.bias is None or module.to_v.bias.zero_()
+                if module.to_v.bias is not None:
+                    module.to_v.bias.zero_()
         x, t = initial_noise(2, 0), torch.tensor([700, 700])
         a = model.predict(x, t, model.encode(["a portrait, hat", "a portrait, hat"]))
         b = model.predict(x, t, model.encode(["a portrait, no hat, sketch", "a portrait, no hat, sketch"]))
