@@ -72,12 +72,24 @@ def _evaluate(args):
 
 
 def _reproduce(args):
+    import yaml
+
     from .config import resolve_profile
-    from .reproduce import reproduce
-    import time
+    from .reproduce import OVERRIDABLE, check_overrides, reproduce
     profile = resolve_profile(args.profile)
+    overrides = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq or key not in OVERRIDABLE:
+            sys.exit(f"error: --set {item!r}: expected NAME=VALUE with NAME one of {list(OVERRIDABLE)}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        check_overrides(profile, overrides)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     t0 = time.time()
-    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, figures=Path(args.figures))
+    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, figures=Path(args.figures),
+                      **overrides)
     print((Path(args.out) / "table2.md").read_text())
     print(f"{(time.time() - t0) / 60:.1f} min (this run; stages and rows already in {args.out} were reused)")
     print(f"table: {Path(args.out) / 'table2.json'} and table2.md; figures: {Path(args.figures) / 'table2.png'}, "
@@ -180,6 +192,8 @@ def main(argv=None):
     r.add_argument("--seeds", type=int, default=1)
     r.add_argument("--out", default="runs/reproduce")
     r.add_argument("--figures", default="figures")
+    r.add_argument("--set", nargs="+", metavar="NAME=VALUE",
+                   help="change the recipe of every row, e.g. lambda_sem=0.3 lambda_layout=0 (recorded in table2.json)")
     r.add_argument("--models", default=None)
     r.add_argument("--device", default=None)
     r.set_defaults(func=_reproduce)

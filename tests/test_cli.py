@@ -35,3 +35,12 @@ def test_check_models_prints_one_json_object(smoke_models, capsys):
 def test_pretrain_rejects_unknown_network_names(tmp_path):
     with pytest.raises(ValueError, match="unknown network"):
         main(["pretrain", "--profile", "smoke", "--out", str(tmp_path), "--only", "phi_evil"])
+
+
+@pytest.mark.parametrize("setting, message", [("lambda_sem", "expected NAME=VALUE"), ("profile=paper", "expected NAME=VALUE"),
+                                              ("id_source=mirror", "id_source")])
+def test_reproduce_rejects_a_bad_recipe_change_before_training(setting, message, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--profile", "smoke", "--out", str(tmp_path / "run"), "--set", setting])
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
