@@ -113,6 +113,15 @@ def _exclusive(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def stage_dirs(exp: Experiment, stages_dir: Path, models_dir: Path | None = None) -> list[Path]:
+    """The folder of each stage of ``exp``'s chain, trained or not: ``stages_dir/stage<k>-<key>``."""
+    dirs, parent_key = [], None
+    for stage in range(1, exp.stage + 1):
+        parent_key = stage_key(exp.stage_training(stage), parent_key, models_dir)
+        dirs.append(Path(stages_dir) / f"stage{stage}-{parent_key}")
+    return dirs
+
+
 def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, base=None, device=None,
                 progress: bool = True) -> Path:
     """Train (or reuse) stages 1..exp.stage; returns the folder of the last stage's adapter."""
@@ -120,18 +129,16 @@ def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = Non
     stages_dir = Path(stages_dir)
     base = base or load_base(models_dir, device)
     bank = None
-    parent_key, parent_dir = None, None
-    for stage in range(1, exp.stage + 1):
+    parent_dir = None
+    for stage, folder in enumerate(stage_dirs(exp, stages_dir, models_dir), start=1):
         cfg = exp.stage_training(stage)
-        key = stage_key(cfg, parent_key, models_dir)
-        folder = stages_dir / f"stage{stage}-{key}"
-        with _exclusive(stages_dir / f".stage{stage}-{key}.lock"):
+        with _exclusive(stages_dir / f".{folder.name}.lock"):
             if not (folder / "adapter.safetensors").exists():
                 if bank is None:
                     bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
                 trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=parent_dir, device=device)
                 trainer.fit(resume=True, progress=progress)
-        parent_key, parent_dir = key, folder
+        parent_dir = folder
     return parent_dir
 
 

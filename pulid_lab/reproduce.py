@@ -18,7 +18,7 @@ from .base import load_base
 from .checkpoints import write_json
 from .config import REPRODUCE_PROFILES
 from .evaluate import Evaluator, evaluate, test_set
-from .experiment import Experiment, train_chain
+from .experiment import Experiment, stage_dirs, train_chain
 from .train_pulid import load_adapter
 
 ROWS = ("stage1", "naive", "stage2", "stage3")
@@ -52,6 +52,14 @@ def check_overrides(profile: str, overrides: dict) -> None:
         row_experiment(row, profile, 0, **overrides)  # Experiment validates every value
 
 
+def _check_same_recipe(result_path: Path, adapter_dir: Path) -> None:
+    """A finished row is reused only if it was trained by the recipe asked for now (same stage key)."""
+    saved = Path(json.loads(result_path.read_text())["adapter"]).name
+    if saved != adapter_dir.name:
+        raise ValueError(f"{result_path} is a row of another recipe (adapter {saved}; this run's is {adapter_dir.name}): "
+                         f"use another --out for a changed --set, or delete that folder to retrain it")
+
+
 def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Path | None = None, device=None,
               progress: bool = True, figures: Path | None = Path("figures"), **overrides) -> dict:
     """Train and evaluate the four rows for ``seeds`` seeds; write table2.json / table2.md and the figures.
@@ -68,8 +76,10 @@ def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Pat
     for seed in range(seeds):
         for row in ROWS:
             path = out / f"seed{seed}" / row / "result.json"
-            if not path.exists():
-                exp = row_experiment(row, profile, seed, **overrides)
+            exp = row_experiment(row, profile, seed, **overrides)
+            if path.exists():
+                _check_same_recipe(path, stage_dirs(exp, out / "stages", models_dir)[-1])
+            else:
                 adapter_dir = train_chain(exp, out / "stages", models_dir, base, base.device, progress)
                 adapter = load_adapter(adapter_dir, base.unet).to(base.device)
                 metrics = evaluate(base, adapter, evaluator, tests, id_scales=(1.0,), progress=progress)

@@ -183,3 +183,5 @@ def test_reproduce_with_a_changed_recipe_retrains_only_what_it_changes(smoke_mod
     assert a["stage3"].split("/")[-1] != b["stage3"].split("/")[-1]
     with pytest.raises(ValueError, match="cannot override"):
         reproduce(tmp_path / "c", "smoke", seeds=1, models_dir=models, progress=False, figures=None, eval_split="validation")
+    with pytest.raises(ValueError, match="row of another recipe"):  # b's Stage 3 row is not the default recipe's
+        reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False, figures=None)
