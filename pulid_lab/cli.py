@@ -71,19 +71,24 @@ def _evaluate(args):
     print(json.dumps(report, indent=None if args.json else 2))
 
 
-def _reproduce(args):
+def _settings(items: list[str] | None, allowed) -> dict:
+    """``--set NAME=VALUE ...`` as a dict (values read as YAML); a ValueError names what is allowed."""
     import yaml
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME one of {list(allowed)}")
+        out[key] = yaml.safe_load(value)
+    return out
 
+
+def _reproduce(args):
     from .config import resolve_profile
     from .reproduce import OVERRIDABLE, check_overrides, reproduce
     profile = resolve_profile(args.profile)
-    overrides = {}
-    for item in args.set or []:
-        key, eq, value = item.partition("=")
-        if not eq or key not in OVERRIDABLE:
-            sys.exit(f"error: --set {item!r}: expected NAME=VALUE with NAME one of {list(OVERRIDABLE)}")
-        overrides[key] = yaml.safe_load(value)
     try:
+        overrides = _settings(args.set, OVERRIDABLE)
         check_overrides(profile, overrides)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -98,17 +103,13 @@ def _reproduce(args):
 
 
 def _grid(args):
-    import yaml
-    from .grid import GridError, load_grid, run_grid
+    from .grid import load_grid, run_grid
     try:
         grid = load_grid(args.grid, smoke=args.smoke)
-        for item in args.set or []:
-            key, eq, value = item.partition("=")
-            if not eq or key not in grid.notebook_parameters:
-                raise GridError(f"--set {item!r}: expected NAME=VALUE with NAME one of {grid.notebook_parameters}")
-            for params in grid.configs.values():
-                params[key] = yaml.safe_load(value)
-    except GridError as e:
+        settings = _settings(args.set, grid.notebook_parameters)
+        for params in grid.configs.values():
+            params.update(settings)
+    except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"{len(grid.configs)} configs of {grid.notebook.name} -> {args.out}/runs/")
     summary = run_grid(grid, Path(args.out), workers=args.workers, scheduler=args.scheduler)
