@@ -52,9 +52,9 @@ def check_overrides(profile: str, overrides: dict) -> None:
         row_experiment(row, profile, 0, **overrides)  # Experiment validates every value
 
 
-def _check_same_recipe(result_path: Path, adapter_dir: Path) -> None:
+def _check_same_recipe(result_path: Path, result: dict, adapter_dir: Path) -> None:
     """A finished row is reused only if it was trained by the recipe asked for now (same stage key)."""
-    saved = Path(json.loads(result_path.read_text())["adapter"]).name
+    saved = Path(result["adapter"]).name
     if saved != adapter_dir.name:
         raise ValueError(f"{result_path} is a row of another recipe (adapter {saved}; this run's is {adapter_dir.name}): "
                          f"use another --out for a changed --set, or delete that folder to retrain it")
@@ -77,14 +77,14 @@ def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Pat
         for row in ROWS:
             path = out / f"seed{seed}" / row / "result.json"
             exp = row_experiment(row, profile, seed, **overrides)
-            if path.exists():
-                _check_same_recipe(path, stage_dirs(exp, out / "stages", models_dir)[-1])
-            else:
+            if not path.exists():
                 adapter_dir = train_chain(exp, out / "stages", models_dir, base, base.device, progress)
                 adapter = load_adapter(adapter_dir, base.unet).to(base.device)
                 metrics = evaluate(base, adapter, evaluator, tests, id_scales=(1.0,), progress=progress)
                 write_json(path, {"row": row, "seed": seed, "adapter": str(adapter_dir), **metrics["id_scale_1"]})
-            results[row].append(json.loads(path.read_text()))
+            result = json.loads(path.read_text())
+            _check_same_recipe(path, result, stage_dirs(exp, out / "stages", models_dir)[-1])  # a reused row too
+            results[row].append(result)
     table = summarise(results)
     table["claims"] = claims(table)
     table["overrides"] = dict(overrides)  # what differs from the default recipe ({} = the paper's recipe)

@@ -162,25 +162,26 @@ def test_reproduce_smoke_writes_table_claims_and_figures(smoke_models, tmp_path)
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "run" / "stages").glob("*/adapter.safetensors")}
     reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False, figures=None)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime for p in (tmp_path / "run" / "stages").glob("*/adapter.safetensors")} == stamps
+    _a_changed_recipe_retrains_only_what_it_changes(models, tmp_path, a=tmp_path / "run")
 
 
-def test_reproduce_with_a_changed_recipe_retrains_only_what_it_changes(smoke_models, tmp_path):
+def _a_changed_recipe_retrains_only_what_it_changes(models, tmp_path, a):
+    """(part of the smoke reproduction's test: it reuses that run as the default recipe ``a``)"""
     import json
     import shutil
 
     from pulid_lab.reproduce import reproduce
-    models, _ = smoke_models
-    reproduce(tmp_path / "a", "smoke", seeds=1, models_dir=models, progress=False, figures=None)
-    shutil.copytree(tmp_path / "a" / "stages", tmp_path / "b" / "stages")
+    tmp_path = tmp_path / "recipes"
+    shutil.copytree(a / "stages", tmp_path / "b" / "stages")
     table = reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False, figures=None, lambda_layout=0.0)
     assert json.loads((tmp_path / "b" / "table2.json").read_text())["overrides"] == {"lambda_layout": 0.0}
     assert "lambda_layout = 0.0" in (tmp_path / "b" / "table2.md").read_text()
     # stages 1 and 2 are reused (their configs do not contain the Stage 3 weight); Stage 3 is new
-    a = {r: json.loads((tmp_path / "a" / "seed0" / r / "result.json").read_text())["adapter"] for r in table["rows"]}
-    b = {r: json.loads((tmp_path / "b" / "seed0" / r / "result.json").read_text())["adapter"] for r in table["rows"]}
+    old = {r: json.loads((a / "seed0" / r / "result.json").read_text())["adapter"] for r in table["rows"]}
+    new = {r: json.loads((tmp_path / "b" / "seed0" / r / "result.json").read_text())["adapter"] for r in table["rows"]}
     for row in ("stage1", "naive", "stage2"):
-        assert a[row].split("/")[-1] == b[row].split("/")[-1]
-    assert a["stage3"].split("/")[-1] != b["stage3"].split("/")[-1]
+        assert old[row].split("/")[-1] == new[row].split("/")[-1]
+    assert old["stage3"].split("/")[-1] != new["stage3"].split("/")[-1]
     with pytest.raises(ValueError, match="cannot override"):
         reproduce(tmp_path / "c", "smoke", seeds=1, models_dir=models, progress=False, figures=None, eval_split="validation")
     with pytest.raises(ValueError, match="row of another recipe"):  # b's Stage 3 row is not the default recipe's
