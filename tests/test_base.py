@@ -161,3 +161,33 @@ def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
         assert hasattr(loaded.unet, "add_embedding") == pooled
         tokens = model.encode(["a portrait, hat"] * 2)
         assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
+
+
+def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(tmp_path):
+    """``coord_channels`` feeds each pixel's x and y (x = -1 at the left edge, +1 at the right) as two extra
+    input channels the UNet really reads; ``only_cross_attention`` per block puts self-attention at 8x8 only.
+    Both come back from the saved config."""
+    from dataclasses import replace
+
+    from pulid_lab.base import base_config_dict, coordinate_grid
+    grid = coordinate_grid(torch.zeros(2, 3, 4, 5))
+    assert grid.shape == (2, 2, 4, 5)
+    assert grid[0, 0, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and grid[0, 1, :, 0].tolist()[0] == -1.0
+    cfg = replace(TINY, coord_channels=True, only_cross_attention=(True, True, False))
+    torch.manual_seed(0)
+    model = OriginalModel(cfg).eval()
+    assert model.unet.conv_in.in_channels == 5
+    self_attention = [tb.only_cross_attention is False for b in model.unet.down_blocks if hasattr(b, "attentions")
+                      for a in b.attentions for tb in a.transformer_blocks]
+    assert self_attention == [False, True]  # 16x16 cross-attention only, 8x8 self- and cross-attention
+    x, t, tokens = initial_noise(1, 0), torch.tensor([500]), model.encode(["a portrait, on the left"])
+    with torch.no_grad():
+        before = model.predict(x, t, tokens)
+        model.unet.conv_in.weight[:, 3:].add_(0.5)  # change only what the coordinate channels feed in
+        assert (model.predict(x, t, tokens) - before).abs().max() > 1e-3
+        model.save(tmp_path)
+        saved = base_config_dict(cfg)
+        loaded_cfg = BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        assert loaded_cfg == cfg
+        loaded = OriginalModel.load(tmp_path, loaded_cfg)
+        assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
