@@ -136,6 +136,11 @@ def base_config_dict(cfg: BaseModelConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
+def base_config_from_dict(d: dict) -> BaseModelConfig:
+    """The inverse of ``base_config_dict``: JSON lists back to the config's tuples."""
+    return BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 BASE_SUBDIR = "base"
 
 
@@ -163,6 +168,6 @@ def load_base(folder: Path | None = None, device=None) -> OriginalModel:
     for name, entry in manifest.get("files", {}).items():
         if entry.get("source") == "base":
             checkpoints.verified_file(name, folder)
-    cfg = BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["base"]["config"].items()})
+    cfg = base_config_from_dict(manifest["base"]["config"])
     model = OriginalModel.load(folder / BASE_SUBDIR, cfg)
     return model.to(device) if device is not None else model

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pulid_lab import checkpoints, world
-from pulid_lab.base import BaseModelConfig
+from pulid_lab.base import base_config_from_dict
 from pulid_lab.check_models import heldout_captions, prompt_scores
 from pulid_lab.data import render_bank
 from pulid_lab.train_base import BaseTraining, train_base
@@ -36,7 +36,7 @@ def main():
     torch.set_num_threads(args.threads)
     out = Path("runs/screens") / args.name
     out.mkdir(parents=True, exist_ok=True)
-    model = BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.model).items()})
+    model = base_config_from_dict(json.loads(args.model))
     cfg = BaseTraining(steps=args.steps, batch=32, checkpoint_every=100, model=model, **json.loads(args.train))
     bank = render_bank(world.TRAIN_IDS, 24, seed=0, progress=False)  # the paper profile's bank
     probe = checkpoints.load_model("probe")

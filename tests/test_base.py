@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -169,7 +171,7 @@ def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(
     Both come back from the saved config."""
     from dataclasses import replace
 
-    from pulid_lab.base import base_config_dict, coordinate_grid
+    from pulid_lab.base import base_config_dict, base_config_from_dict, coordinate_grid
     grid = coordinate_grid(torch.zeros(2, 3, 4, 5))
     assert grid.shape == (2, 2, 4, 5)
     assert grid[0, 0, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and grid[0, 1, :, 0].tolist()[0] == -1.0
@@ -186,8 +188,7 @@ def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(
         model.unet.conv_in.weight[:, 3:].add_(0.5)  # change only what the coordinate channels feed in
         assert (model.predict(x, t, tokens) - before).abs().max() > 1e-3
         model.save(tmp_path)
-        saved = base_config_dict(cfg)
-        loaded_cfg = BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        loaded_cfg = base_config_from_dict(json.loads(json.dumps(base_config_dict(cfg))))  # as the manifest stores it
         assert loaded_cfg == cfg
         loaded = OriginalModel.load(tmp_path, loaded_cfg)
         assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
