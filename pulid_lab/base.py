@@ -60,6 +60,9 @@ class OriginalModel(nn.Module):
         self.tokenizer = tokenizer or text.build_tokenizer()
         self.text_encoder = text_encoder or text.build_text_encoder(self.cfg.text_hidden, self.cfg.text_layers, self.cfg.text_heads)
         self.unet = unet or UNet2DConditionModel(**self.cfg.unet_kwargs())
+        if self.cfg.coord_channels:
+            # in the UNet itself, so every caller (samplers, the PuLID branches, real-model code) feeds 3 channels
+            self.unet.conv_in.register_forward_pre_hook(append_coordinates)
 
     @property
     def device(self) -> torch.device:
@@ -72,8 +75,6 @@ class OriginalModel(nn.Module):
         return self.text_encoder(ids).last_hidden_state  # (B, 32, text_hidden)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if self.cfg.coord_channels:
-            x_t = torch.cat([x_t, coordinate_grid(x_t)], 1)  # (B, 3 + 2, H, W)
         return self.unet(x_t, t, encoder_hidden_states=tokens).sample
 
     def model_fn(self, captions: list[str], guidance: float = 1.0) -> ModelFn:
@@ -123,6 +124,15 @@ def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([xs, ys]).expand(b, 2, h, w)
 
 
+def append_coordinates(conv_in: torch.nn.Conv2d, args: tuple) -> tuple | None:
+    """Forward pre-hook of a ``coord_channels`` UNet's conv_in: (B, 3, H, W) -> (B, 3 + 2, H, W), x and y appended.
+    An input that already has them passes unchanged (so a second registration is harmless)."""
+    x = args[0]
+    if x.shape[1] == conv_in.in_channels - 2:
+        return (torch.cat([x, coordinate_grid(x)], 1), *args[1:])
+    return None
+
+
 def initial_noise(n: int, seed: int | list[int], device=None) -> torch.Tensor:
     """x_T (n, 3, 32, 32): one generator per image, so image i depends only on its own seed."""
     seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
@@ -144,13 +154,15 @@ def base_config_from_dict(d: dict) -> BaseModelConfig:
 BASE_SUBDIR = "base"
 
 
-def save_base(folder: Path, model: OriginalModel, stats: dict, profile: str) -> None:
-    """Save the original model under ``folder/base`` and record every file's sha256 in the manifest."""
+def save_base(folder: Path, model: OriginalModel, stats: dict, profile: str, training: dict | None = None) -> None:
+    """Save the original model under ``folder/base`` and record every file's sha256 in the manifest
+    (with ``training``, the recipe it was trained with: ``train_base.training_recipe``)."""
     from . import checkpoints
     folder = Path(folder)
     files = model.save(folder / BASE_SUBDIR)
     manifest = checkpoints.read_manifest(folder)
-    manifest["base"] = {"config": base_config_dict(model.cfg), "metrics": stats, "profile": profile}
+    manifest["base"] = {"config": base_config_dict(model.cfg), "metrics": stats, "profile": profile,
+                        **({"training": training} if training is not None else {})}
     checkpoints.write_manifest(folder, manifest)
     for f in files:
         rel = f.relative_to(folder)

@@ -21,7 +21,7 @@ from .data import Bank, align_faces, cache_dir, render_bank, to_tensor
 from .device import autocast, default_device
 from .base import base_config_dict, save_base
 from .identity import export_recognizer_onnx
-from .train_base import train_base
+from .train_base import train_base, training_recipe
 
 def train_state_dir(out: Path, name: str) -> Path:
     """Where resumable training state (weights, EMA, optimiser) lives: in the cache folder, outside the
@@ -154,11 +154,11 @@ def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, 
 def pretrain_base(cfg: PretrainConfig, out: Path, bank: Bank, device=None, resume=False, progress=True) -> dict:
     """Train the original model (checkpointing its training state, see ``train_state_dir``) and save it."""
     done = checkpoints.read_manifest(out).get("base")
-    if resume and done and done.get("metrics", {}).get("steps") == cfg.base.steps \
-            and done.get("config") == base_config_dict(cfg.base.model):
+    if resume and done and done.get("config") == base_config_dict(cfg.base.model) \
+            and done.get("training") == training_recipe(cfg.base):
         return done["metrics"]
     state_dir = train_state_dir(out, "base")
     model, stats = train_base(cfg.base, bank, state_dir, device, resume=resume, progress=progress)
-    save_base(out, model.cpu(), stats, cfg.profile)
+    save_base(out, model.cpu(), stats, cfg.profile, training_recipe(cfg.base))
     shutil.rmtree(state_dir, ignore_errors=True)  # only an unfinished run needs its resume state (~100+ MB)
     return stats

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -140,6 +141,26 @@ def test_caption_reading_trains_a_reader_and_resumes_with_it(tmp_path):
     _assert_same_weights(full, continued)  # lr 0: the continued run keeps the init weights
 
 
+def test_face_weight_map_weights_the_face_box_and_changes_the_loss(tmp_path):
+    """Inside the face box the weight is (1 + w) times the weight outside, each image's map averages 1, the box
+    sits where the renderer drew the face (the face's pixels differ from the background's), and a run with the
+    weighting trains on a different loss than plain MSE from the same batches."""
+    from pulid_lab.train_base import face_weight_map
+    bank = render_bank(world.TRAIN_IDS[:16], 2, seed=0, progress=False)
+    w = face_weight_map(torch.tensor(bank.boxes), 4.0)[:, 0]
+    assert w.shape == (32, 32, 32) and torch.allclose(w.mean((1, 2)), torch.ones(32))
+    inside = w > w.amin((1, 2), keepdim=True)
+    assert torch.allclose(w.amax((1, 2)) / w.amin((1, 2)), torch.full((32,), 5.0))
+    assert 0.1 < inside.float().mean() < 0.5
+    cx, cy = bank.boxes[0, 0], bank.boxes[0, 1]
+    assert inside[0, int(cy), int(cx)] and not inside[0, 0, 0] and not inside[0, 31, 31]
+    assert torch.equal(face_weight_map(torch.tensor(bank.boxes), 0.0), torch.ones(32, 1, 32, 32))
+    _, plain = train_base(BaseTraining(model=TINY, steps=3, batch=4), bank, tmp_path / "p", progress=False)
+    _, weighted = train_base(BaseTraining(model=TINY, steps=3, batch=4, face_weight=4.0), bank, tmp_path / "w",
+                             progress=False)
+    assert abs(weighted["final_loss"] - plain["final_loss"]) > 1e-4
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
     """With ``pooled_text`` the caption also enters through the time embedding: silence every cross-attention
@@ -163,6 +184,13 @@ def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
         assert hasattr(loaded.unet, "add_embedding") == pooled
         tokens = model.encode(["a portrait, hat"] * 2)
         assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
+        # the coordinates are appended inside the UNet: the PuLID branches call it with 3 channels, as any caller
+        from pulid_lab.branches import unet_fn
+        from pulid_lab.attention import install
+        with install(model.unet):
+            assert torch.equal(unet_fn(model.unet, tokens)(x, t, 0), model.predict(x, t, tokens))
+        again = OriginalModel(cfg, model.tokenizer, model.text_encoder, copy.deepcopy(model.unet))  # hook twice
+        assert torch.equal(again.predict(x, t, tokens), model.predict(x, t, tokens))
 
 
 def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(tmp_path):

@@ -102,6 +102,24 @@ def test_shipped_models_meet_the_thresholds_on_a_small_sample():
     assert out["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
 
 
+def test_pretrain_resume_keeps_the_base_unless_its_recipe_changed(smoke_models, tmp_path):
+    """The manifest records the base's training recipe; --resume keeps a finished base trained with the same
+    recipe and retrains one whose recipe changed (here the face weighting of the loss)."""
+    import shutil
+    from dataclasses import replace
+    shutil.copytree(smoke_models[0], tmp_path / "m")
+    folder, cfg = tmp_path / "m", pretrain_config("smoke")
+    unet = folder / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet.read_bytes()
+    assert checkpoints.read_manifest(folder)["base"]["training"]["face_weight"] == cfg.base.face_weight
+    pretrain(cfg, folder, resume=True, only=["base"], progress=False)
+    assert unet.read_bytes() == before
+    changed = replace(cfg, base=replace(cfg.base, face_weight=4.0))
+    pretrain(changed, folder, resume=True, only=["base"], progress=False)
+    assert unet.read_bytes() != before
+    assert checkpoints.read_manifest(folder)["base"]["training"]["face_weight"] == 4.0
+
+
 def test_finished_base_pretrain_leaves_no_resume_state(smoke_models):
     from pulid_lab.pretrain import train_state_dir
     out, _ = smoke_models
