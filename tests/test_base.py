@@ -184,13 +184,6 @@ def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
         assert hasattr(loaded.unet, "add_embedding") == pooled
         tokens = model.encode(["a portrait, hat"] * 2)
         assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
-        # the coordinates are appended inside the UNet: the PuLID branches call it with 3 channels, as any caller
-        from pulid_lab.branches import unet_fn
-        from pulid_lab.attention import install
-        with install(model.unet):
-            assert torch.equal(unet_fn(model.unet, tokens)(x, t, 0), model.predict(x, t, tokens))
-        again = OriginalModel(cfg, model.tokenizer, model.text_encoder, copy.deepcopy(model.unet))  # hook twice
-        assert torch.equal(again.predict(x, t, tokens), model.predict(x, t, tokens))
 
 
 def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(tmp_path):
@@ -220,3 +213,10 @@ def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(
         assert loaded_cfg == cfg
         loaded = OriginalModel.load(tmp_path, loaded_cfg)
         assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
+        # the coordinates are appended inside the UNet: the PuLID branches call it with 3 channels, as any caller
+        from pulid_lab.branches import unet_fn
+        from pulid_lab.attention import install
+        with install(model.unet):
+            assert torch.equal(unet_fn(model.unet, tokens)(x, t, 0), model.predict(x, t, tokens))
+        again = OriginalModel(cfg, model.tokenizer, model.text_encoder, copy.deepcopy(model.unet))  # hook twice
+        assert torch.equal(again.predict(x, t, tokens), model.predict(x, t, tokens))
