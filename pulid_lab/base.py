@@ -148,7 +148,8 @@ def base_config_dict(cfg: BaseModelConfig) -> dict:
 
 def base_config_from_dict(d: dict) -> BaseModelConfig:
     """The inverse of ``base_config_dict``: JSON lists back to the config's tuples."""
-    return BaseModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    from . import checkpoints
+    return checkpoints.config_from_json(BaseModelConfig, d)
 
 
 BASE_SUBDIR = "base"

@@ -18,6 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from . import nets
 
+
+def config_from_json(cls, d: dict):
+    """A config dataclass back from its JSON form in a manifest (``asdict`` + json): lists become tuples."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHIPPED_DIR = PACKAGE_DIR / "shipped"  # the `paper` profile models, in the repository
 

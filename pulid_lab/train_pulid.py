@@ -253,7 +253,7 @@ def load_adapter_state(folder: Path) -> dict:
 def load_adapter(folder: Path, unet) -> PuLIDAdapter:
     """A trained adapter (sha256 checked) for ``unet``."""
     state, entry = checkpoints.load_state("adapter", folder)
-    enc = IDEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["config"]["encoder"].items()})
+    enc = checkpoints.config_from_json(IDEncoderConfig, entry["config"]["encoder"])
     view = entry["config"].get("training", {}).get("reference_view", "crop")
     adapter = PuLIDAdapter(unet, enc, IDAttnSettings(**entry["config"]["settings"]), view)
     adapter.load_state_dict(state)
