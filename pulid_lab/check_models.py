@@ -122,6 +122,15 @@ def heldout_captions(n: int, seed: int = 11) -> tuple[list[str], dict[str, np.nd
     return caps, labels
 
 
+def prompt_test_set(n_captions: int, seeds_per_caption: int) -> tuple[list[str], dict[str, np.ndarray], list[int]]:
+    """The fixed prompt-following test: each held-out caption repeated ``seeds_per_caption`` times, its labels
+    alike, and one noise seed per generation (from 100,000 on: never a training seed)."""
+    caps, labels = heldout_captions(n_captions)
+    caps = [c for c in caps for _ in range(seeds_per_caption)]
+    labels = {a: np.repeat(v, seeds_per_caption) for a, v in labels.items()}
+    return caps, labels, [100_000 + i for i in range(len(caps))]
+
+
 @torch.no_grad()
 def prompt_scores(probe, images: torch.Tensor, labels: dict[str, np.ndarray]) -> dict[str, float]:
     """Probe accuracy per attribute on generated images (B, 3, 32, 32) against the attributes asked for."""
@@ -153,15 +162,12 @@ def check_base_model(models_dir: Path | None = None, n: int = 256, seeds_per_cap
     phi = checkpoints.load_model("phi_eval", models_dir)
     detector = checkpoints.load_model("detector", models_dir)
     n_caps = max(1, n // seeds_per_caption)
-    caps, labels = heldout_captions(n_caps)
-    caps = [c for c in caps for _ in range(seeds_per_caption)]
-    labels = {a: np.repeat(v, seeds_per_caption) for a, v in labels.items()}
-    seeds = np.arange(len(caps)) + 100_000
+    caps, labels, seeds = prompt_test_set(n_caps, seeds_per_caption)
     gens = {}
     for name, steps, solver in (("base", base_steps, "dpm++"), ("lightning", 4, "lightning")):
         out = []
         for i in tqdm(range(0, len(caps), batch), desc=f"sample {name}", disable=not progress, leave=False):
-            out.append(base.generate(caps[i:i + batch], seed=[int(s) for s in seeds[i:i + batch]], steps=steps, solver=solver))
+            out.append(base.generate(caps[i:i + batch], seed=seeds[i:i + batch], steps=steps, solver=solver))
         gens[name] = torch.cat(out)
 
     report: dict = {"generations": len(caps), "base_sampler": f"dpm++ {base_steps} steps", "lightning_sampler": "ddim 4 steps (trailing)"}

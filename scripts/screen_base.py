@@ -19,7 +19,7 @@ import torch
 
 from pulid_lab import checkpoints, world
 from pulid_lab.base import base_config_from_dict
-from pulid_lab.check_models import heldout_captions, prompt_scores
+from pulid_lab.check_models import prompt_scores, prompt_test_set
 from pulid_lab.data import render_bank
 from pulid_lab.train_base import BaseTraining, train_base
 
@@ -40,10 +40,7 @@ def main():
     cfg = BaseTraining(steps=args.steps, batch=32, checkpoint_every=100, model=model, **json.loads(args.train))
     bank = render_bank(world.TRAIN_IDS, 24, seed=0, progress=False)  # the paper profile's bank
     probe = checkpoints.load_model("probe")
-    caps, labels = heldout_captions(32)
-    caps = [c for c in caps for _ in range(3)]
-    labels = {a: np.repeat(v, 3) for a, v in labels.items()}
-    seeds = [100_000 + i for i in range(len(caps))]
+    caps, labels, seeds = prompt_test_set(32, 3)
     log = out / "log.jsonl"
     done = {json.loads(line)["step"] for line in log.read_text().splitlines()} if log.exists() else set()
     for stop in range(args.every, args.steps + 1, args.every):
