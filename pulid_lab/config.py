@@ -45,8 +45,13 @@ def _foundation(variants: int, scale: float, profile: str, base_steps: int) -> P
     """The same recipe at every profile; only budgets differ (``scale`` multiplies the step counts)."""
     def steps(n):
         return max(2, int(n * scale))
+    from .base import BaseModelConfig
     from .train_base import BaseTraining
-    base = BaseTraining(steps=base_steps, batch=32 if base_steps > 10 else 4, checkpoint_every=min(250, base_steps))
+    # the original model's recipe (README, "The original model"): the pixel's coordinates as input, self-attention
+    # at 8x8, the caption-reading loss on the text tokens, the face box weighted 5x in the diffusion loss
+    base = BaseTraining(model=BaseModelConfig(coord_channels=True, only_cross_attention=(True, True, False)),
+                        caption_reading=0.1, face_weight=4.0,
+                        steps=base_steps, batch=32 if base_steps > 10 else 4, checkpoint_every=min(250, base_steps))
     return PretrainConfig(profile, variants, base=base, nets={
         "detector": NetTraining("detector", "plain", (16, 32, 64, 128), seed=11, steps=steps(1500), lr=2e-3),
         "phi_cond": NetTraining("recognizer", "plain", (32, 64, 128, 256), dim=512, seed=1, steps=steps(2000)),
@@ -60,7 +65,7 @@ def _foundation(variants: int, scale: float, profile: str, base_steps: int) -> P
 PRETRAIN_PROFILES = {
     "smoke": _foundation(variants=2, scale=0.004, profile="smoke", base_steps=2),
     "quick": _foundation(variants=8, scale=0.25, profile="quick", base_steps=1200),
-    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=3000),
+    "paper": _foundation(variants=24, scale=1.0, profile="paper", base_steps=4000),
 }
 
 

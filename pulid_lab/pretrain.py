@@ -5,6 +5,7 @@ is saved at once, so an interrupted pretrain resumes (``resume=True``) at the fi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
@@ -161,4 +162,6 @@ def pretrain_base(cfg: PretrainConfig, out: Path, bank: Bank, device=None, resum
     model, stats = train_base(cfg.base, bank, state_dir, device, resume=resume, progress=progress)
     save_base(out, model.cpu(), stats, cfg.profile, training_recipe(cfg.base))
     shutil.rmtree(state_dir, ignore_errors=True)  # only an unfinished run needs its resume state (~100+ MB)
+    with contextlib.suppress(OSError):
+        state_dir.parent.rmdir()  # the output folder's own state folder, once nothing else of it is left
     return stats

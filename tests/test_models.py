@@ -114,16 +114,16 @@ def test_pretrain_resume_keeps_the_base_unless_its_recipe_changed(smoke_models, 
     assert checkpoints.read_manifest(folder)["base"]["training"]["face_weight"] == cfg.base.face_weight
     pretrain(cfg, folder, resume=True, only=["base"], progress=False)
     assert unet.read_bytes() == before
-    changed = replace(cfg, base=replace(cfg.base, face_weight=4.0))
+    changed = replace(cfg, base=replace(cfg.base, face_weight=cfg.base.face_weight + 1.0))
     pretrain(changed, folder, resume=True, only=["base"], progress=False)
     assert unet.read_bytes() != before
-    assert checkpoints.read_manifest(folder)["base"]["training"]["face_weight"] == 4.0
+    assert checkpoints.read_manifest(folder)["base"]["training"]["face_weight"] == cfg.base.face_weight + 1.0
 
 
 def test_finished_base_pretrain_leaves_no_resume_state(smoke_models):
     from pulid_lab.pretrain import train_state_dir
     out, _ = smoke_models
-    assert not train_state_dir(out, "base").exists()
+    assert not train_state_dir(out, "base").exists() and not train_state_dir(out, "base").parent.exists()
 
 
 @pytest.fixture(scope="module")
