@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import vocab
-from .base import UNCONDITIONAL, BaseModelConfig, OriginalModel
+from .base import UNCONDITIONAL, BaseModelConfig, OriginalModel, base_config_dict
 from .data import Bank, to_tensor
 from .device import autocast, default_device
 from .sampling import diffusion_targets, training_scheduler
@@ -140,6 +140,7 @@ def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resu
     start, losses, seconds = 0, [], 0.0
     if resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
+        _check_same_recipe(st.get("recipe"), _state_recipe(cfg), state_path)
         model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["opt"])
         if reader is not None:
             reader.load_state_dict(st["reader"])
@@ -183,7 +184,8 @@ def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resu
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            _save_state(state_path, model, ema, opt, step + 1, losses, seconds + time.time() - t0, reader)
+            _save_state(state_path, model, ema, opt, step + 1, losses, seconds + time.time() - t0, reader,
+                        _state_recipe(cfg))
     seconds += time.time() - t0
     stats = {"steps": cfg.steps, "batch": cfg.batch, "final_loss": round(float(np.mean(losses[-200:])), 5) if losses else None,
              "train_seconds": round(seconds, 1), "images_per_second": round(cfg.batch * len(losses) / max(seconds, 1e-9), 1),
@@ -191,9 +193,23 @@ def train_base(cfg: BaseTraining, bank: Bank, state_dir: Path, device=None, resu
     return ema.eval(), stats
 
 
-def _save_state(path: Path, model, ema, opt, step, losses, seconds, reader=None):
+def _state_recipe(cfg: BaseTraining) -> dict:
+    return {"model": base_config_dict(cfg.model), **training_recipe(cfg)}
+
+
+def _check_same_recipe(saved: dict | None, current: dict, state_path: Path) -> None:
+    """A resume state continues only the recipe that wrote it (states from before the check carry none)."""
+    if saved is None or saved == current:
+        return
+    diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
+    raise ValueError(f"the resume state {state_path} was written by another training recipe (saved, now): {diff}; "
+                     "restore that recipe to continue it, or delete the file to start over")
+
+
+def _save_state(path: Path, model, ema, opt, step, losses, seconds, reader=None, recipe=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "losses": losses, "seconds": seconds, "reader": reader.state_dict() if reader is not None else None}, tmp)
+                "losses": losses, "seconds": seconds, "reader": reader.state_dict() if reader is not None else None,
+                "recipe": recipe}, tmp)
     os.replace(tmp, path)

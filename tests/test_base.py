@@ -124,6 +124,20 @@ def test_caption_labels_name_each_attribute_or_silence():
     assert labels["hat"].tolist() == [2, 2]  # silent in both
 
 
+def test_resume_refuses_a_state_written_by_another_recipe(tmp_path):
+    """An interrupted run resumes only under the recipe that wrote its state: a changed loss weight or
+    architecture gets a clear error instead of a model trained half one way and half the other."""
+    from dataclasses import replace
+    bank = render_bank(world.TRAIN_IDS[:16], 2, seed=0, progress=False)
+    cfg = BaseTraining(model=TINY, steps=4, batch=4, checkpoint_every=2)
+    train_base(cfg, bank, tmp_path, progress=False, stop_after=2)
+    for changed in (replace(cfg, face_weight=4.0), replace(cfg, model=replace(TINY, coord_channels=True))):
+        with pytest.raises(ValueError, match="another training recipe"):
+            train_base(changed, bank, tmp_path, progress=False, resume=True)
+    _, stats = train_base(cfg, bank, tmp_path, progress=False, resume=True)
+    assert stats["resumed_from_step"] == 2
+
+
 def test_caption_reading_trains_a_reader_and_resumes_with_it(tmp_path):
     """The reading loss joins the total, its head's state travels with the resume state, and a run continued
     from a trained model (init) starts from that model's weights."""
