@@ -8,6 +8,11 @@ runs/screens/NAME (resumable: rerun the same command), and every 300 steps sampl
 x 3 seeds (DPM-Solver++ 25 steps) with the EMA weights and appends the probe's accuracy per attribute to
 runs/screens/NAME/log.jsonl. A screen, not the check: 96 generations (about +-0.05 per attribute), short cosine
 schedules. The README's "original model" section reports what these screens measured.
+
+    .venv/bin/python scripts/screen_base.py --peek ~/.cache/pulid_lab/train_state/<run>/base/train_state.pt
+
+reads the same screen off a running `pretrain`'s resume state (its EMA weights, with the architecture of the
+paper profile's base), without touching the run.
 """
 import argparse
 import json
@@ -18,15 +23,34 @@ import numpy as np
 import torch
 
 from pulid_lab import checkpoints, world
-from pulid_lab.base import base_config_from_dict
+from pulid_lab.base import OriginalModel, base_config_from_dict
 from pulid_lab.check_models import prompt_scores, prompt_test_set
 from pulid_lab.data import render_bank
 from pulid_lab.train_base import BaseTraining, train_base
 
 
+def screen_reading(ema, probe) -> dict:
+    """Prompt score per attribute of the EMA model on 32 held-out complete captions x 3 seeds (DPM-Solver++ 25)."""
+    caps, labels, seeds = prompt_test_set(32, 3)
+    with torch.no_grad():
+        images = torch.cat([ema.generate(caps[i:i + 48], seed=seeds[i:i + 48], steps=25) for i in range(0, len(caps), 48)])
+    per = prompt_scores(probe, images, labels)
+    return {"score": round(float(np.mean(list(per.values()))), 4), **{a: round(v, 3) for a, v in per.items()}}
+
+
+def peek(state_path: Path) -> dict:
+    from pulid_lab.config import pretrain_config
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    ema = OriginalModel(pretrain_config("paper").base.model)
+    ema.load_state_dict(state["ema"])
+    ema.eval()
+    return {"step": state["step"], **screen_reading(ema, checkpoints.load_model("probe"))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("name")
+    ap.add_argument("name", nargs="?", help="the screen's folder under runs/screens")
+    ap.add_argument("--peek", type=Path, default=None, help="read the screen off a pretrain resume state instead")
     ap.add_argument("--model", default="{}", help="BaseModelConfig fields as JSON")
     ap.add_argument("--train", default="{}", help="BaseTraining fields as JSON")
     ap.add_argument("--steps", type=int, default=900)
@@ -34,13 +58,17 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peek is not None:
+        print(json.dumps(peek(args.peek)), flush=True)
+        return
+    if not args.name:
+        ap.error("give a screen NAME (or --peek STATE)")
     out = Path("runs/screens") / args.name
     out.mkdir(parents=True, exist_ok=True)
     model = base_config_from_dict(json.loads(args.model))
     cfg = BaseTraining(steps=args.steps, batch=32, checkpoint_every=100, model=model, **json.loads(args.train))
     bank = render_bank(world.TRAIN_IDS, 24, seed=0, progress=False)  # the paper profile's bank
     probe = checkpoints.load_model("probe")
-    caps, labels, seeds = prompt_test_set(32, 3)
     log = out / "log.jsonl"
     done = {json.loads(line)["step"] for line in log.read_text().splitlines()} if log.exists() else set()
     for stop in range(args.every, args.steps + 1, args.every):
@@ -48,11 +76,7 @@ def main():
             continue
         t0 = time.time()
         ema, stats = train_base(cfg, bank, out, resume=True, progress=True, stop_after=stop)
-        with torch.no_grad():
-            images = torch.cat([ema.generate(caps[i:i + 48], seed=seeds[i:i + 48], steps=25) for i in range(0, len(caps), 48)])
-        per = prompt_scores(probe, images, labels)
-        rec = {"step": stop, "score": round(float(np.mean(list(per.values()))), 4), **{a: round(v, 3) for a, v in per.items()},
-               "sec": round(time.time() - t0), "loss": stats["final_loss"]}
+        rec = {"step": stop, **screen_reading(ema, probe), "sec": round(time.time() - t0), "loss": stats["final_loss"]}
         print(json.dumps(rec), flush=True)
         with log.open("a") as f:
             f.write(json.dumps(rec) + "\n")
