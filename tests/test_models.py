@@ -140,9 +140,6 @@ def test_shipped_base_lightning_sampler_and_identity_legibility(shipped_base_che
     assert r["base_identity_diversity"] < 0.5 * r["same_identity_cosine_renders"], r
 
 
-@pytest.mark.xfail(strict=True, reason="measured 0.667 on 256 generations: the shipped base ignores glasses, hat, "
-                                       "expression and position (README, 'The original model'); strict, so that "
-                                       "a base that reaches 0.85 makes this test fail until the marker goes")
 def test_shipped_base_prompt_score(shipped_base_check):
     from pulid_lab.check_models import BASE_THRESHOLDS
     assert shipped_base_check["base_prompt_score"] >= BASE_THRESHOLDS["base_prompt_score"], shipped_base_check
