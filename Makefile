@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# the main job: Table 2 of the paper in the mini world (quick profile, 1 seed; measured 12.2 min on 2 cores with the bank cached);
+# the main job: Table 2 of the paper in the mini world (quick profile, 1 seed; measured 12.2 min on 2 cores, session 9);
 # the full one: `$(BIN)/pulid-lab reproduce --profile paper --seeds 3 --out runs/reproduce-paper`
 demo: $(STAMP)
 	$(BIN)/pulid-lab world --out figures/toyfaces.png
