@@ -11,8 +11,8 @@ schedules. The README's "original model" section reports what these screens meas
 
     .venv/bin/python scripts/screen_base.py --peek ~/.cache/pulid_lab/train_state/<run>/base/train_state.pt
 
-reads the same screen off a running `pretrain`'s resume state (its EMA weights, with the architecture of the
-paper profile's base), without touching the run.
+reads the same screen off a running `pretrain`'s resume state (its EMA weights, with the architecture the state
+records; states written before recipes were recorded get the paper profile's), without touching the run.
 """
 import argparse
 import json
@@ -41,7 +41,8 @@ def screen_reading(ema, probe) -> dict:
 def peek(state_path: Path) -> dict:
     from pulid_lab.config import pretrain_config
     state = torch.load(state_path, map_location="cpu", weights_only=False)
-    ema = OriginalModel(pretrain_config("paper").base.model)
+    recipe = state.get("recipe")
+    ema = OriginalModel(base_config_from_dict(recipe["model"]) if recipe else pretrain_config("paper").base.model)
     ema.load_state_dict(state["ema"])
     ema.eval()
     return {"step": state["step"], **screen_reading(ema, checkpoints.load_model("probe"))}
