@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test pretrain check-models clean
+.PHONY: setup demo test lab pretrain check-models clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# the main job: Table 2 of the paper in the mini world (quick profile, 1 seed; measured 12.2 min on 2 cores, session 9);
-# the full one: `$(BIN)/pulid-lab reproduce --profile paper --seeds 3 --out runs/reproduce-paper`
+# the main job: Table 2 of the paper in the mini world (quick profile, 1 seed; its measured time is in the README);
+# the full one: `$(BIN)/pulid-lab reproduce --profile paper --seeds 3 --out runs/reproduce-paper --figures figures/paper`
 demo: $(STAMP)
 	$(BIN)/pulid-lab world --out figures/toyfaces.png
 	$(BIN)/pulid-lab reproduce --profile quick --seeds 1 --out runs/reproduce --figures figures
@@ -27,6 +27,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
 	CI=$${CI:-true} $(BIN)/python -m pytest -q --durations=10 --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
+
+# the lessons in JupyterLab, with the project's environment
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
 
 pretrain: $(STAMP)
 	$(BIN)/pulid-lab pretrain --profile paper --out pulid_lab/shipped --resume

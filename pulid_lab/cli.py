@@ -9,14 +9,14 @@ from pathlib import Path
 
 
 def _world(args):
-    from . import plots
+    from .lessons import plots
     plots.world_grid(seed=args.seed, out=args.out)
     print(f"wrote {args.out}")
 
 
 def _pretrain(args):
-    from .config import pretrain_config
-    from .pretrain import pretrain
+    from .train.config import pretrain_config
+    from .train.pretrain import pretrain
     cfg = pretrain_config(args.profile)
     out = Path(args.out)
     t0 = time.time()
@@ -27,8 +27,8 @@ def _pretrain(args):
 
 
 def _check_models(args):
-    from . import checkpoints
-    from .check_models import check_base_model, check_models
+    from .models import checkpoints
+    from .train.check_models import check_base_model, check_models
     report = check_models(args.models, variants=args.variants, n_pairs=args.pairs, progress=not args.json)
     folder = Path(args.models) if args.models else checkpoints.default_models_dir()
     if "base" in checkpoints.read_manifest(folder) and not args.skip_base:
@@ -41,10 +41,10 @@ def _check_models(args):
 
 
 def _sample(args):
-    from .base import load_base
-    from .data import to_uint8
-    from .device import default_device
-    from .vocab import VocabularyError, check_words
+    from .core.device import default_device
+    from .core.imaging import to_uint8
+    from .models.base import load_base
+    from .world.vocab import VocabularyError, check_words
     try:
         check_words(args.caption)
     except VocabularyError as e:
@@ -59,10 +59,10 @@ def _sample(args):
 
 
 def _evaluate(args):
-    from .base import load_base
-    from .device import default_device
-    from .evaluate import Evaluator, evaluate, test_set
-    from .train_pulid import load_adapter
+    from .core.device import default_device
+    from .models.base import load_base
+    from .train.evaluate import Evaluator, evaluate, test_set
+    from .train.pulid_trainer import load_adapter
     device = default_device(args.device)
     base = load_base(args.models, device)
     adapter = load_adapter(Path(args.checkpoint), base.unet).to(device)
@@ -84,8 +84,9 @@ def _settings(items: list[str] | None, allowed) -> dict:
 
 
 def _reproduce(args):
-    from .config import resolve_profile
-    from .reproduce import OVERRIDABLE, check_overrides, reproduce
+    from .lessons import plots
+    from .train.config import resolve_profile
+    from .train.reproduce import OVERRIDABLE, check_overrides, reproduce
     profile = resolve_profile(args.profile)
     try:
         overrides = _settings(args.set, OVERRIDABLE)
@@ -93,8 +94,8 @@ def _reproduce(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     t0 = time.time()
-    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, figures=Path(args.figures),
-                      **overrides)
+    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, **overrides)
+    plots.reproduction_figures(args.out, args.figures, args.models, args.device)
     print((Path(args.out) / "table2.md").read_text())
     print(f"{(time.time() - t0) / 60:.1f} min (this run; stages and rows already in {args.out} were reused)")
     print(f"table: {Path(args.out) / 'table2.json'} and table2.md; figures: {Path(args.figures) / 'table2.png'}, "
@@ -130,7 +131,7 @@ def _grid_report(args):
 
 
 def _bench(args):
-    from .bench import run
+    from .train.bench import run
     report = run()
     print(json.dumps(report, indent=None if args.json else 2))
 

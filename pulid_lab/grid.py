@@ -31,9 +31,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoints import write_csv, write_json
+from .core.files import write_csv, write_json
+from .train.evaluate import METRICS
 
-METRICS = ("face_sim", "prompt_score", "purity")
 INJECTED = ("result_path", "stages_dir")  # parameters the runner sets for every config
 
 
@@ -248,15 +248,10 @@ def _number(v: str):
     return v
 
 
-def pareto_front(rows: list[dict], x: str, y: str) -> list[dict]:
-    """Rows not dominated on (x, y), both higher-is-better, sorted by x."""
-    front = [r for r in rows if not any(o[x] >= r[x] and o[y] >= r[y] and (o[x] > r[x] or o[y] > r[y]) for o in rows)]
-    return sorted(front, key=lambda r: r[x])
-
-
 def report(out: str | Path, figure: str | Path | None = None, table2: str | Path | None = None) -> dict:
     """Pareto plot (Face Sim vs prompt score and vs purity) + a markdown table of a finished grid."""
-    from . import plots
+    from .lessons import plots
+    from .lessons.plots import pareto_front
     out = Path(out)
     rows = read_results(out)
     if not rows:

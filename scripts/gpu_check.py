@@ -17,7 +17,7 @@ What it does, timing each phase and recording torch.cuda.max_memory_allocated: l
 with the Lightning UNet, loads the official v1 weights if given, detects the reference face, generates 4-step
 images (DPM-Solver++ trailing, CFG 1.2, id_scale 0.8, as the official inference) with and without the ID for two
 prompts, runs the training Lightning branch (4 DDIM trailing steps) with and without the ID with
-pulid_lab.attention.Capture on every attn2 and reports the alignment losses between the two paths, optionally
+pulid_lab.core.attention.Capture on every attn2 and reports the alignment losses between the two paths, optionally
 a 3-step stage-1 training smoke (and, with --stage23, one step of stage 2 and one of stage 3 with a random
 stand-in recognizer: memory and time only). Writes OUT/grid.png and OUT/report.json.
 """
@@ -109,8 +109,10 @@ def main(argv=None):
     import torch
     from PIL import Image
 
-    from pulid_lab import losses, real, real_train
-    from pulid_lab.real_tiny import TinyRecognizer
+    from pulid_lab.core import losses
+    from pulid_lab.real import pipeline as real
+    from pulid_lab.real import train as real_train
+    from pulid_lab.real.tiny import TinyRecognizer
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         fail("no CUDA device (pass --allow-cpu to try anyway)")

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pulid_lab import checkpoints, world
-from pulid_lab.base import OriginalModel, base_config_from_dict
-from pulid_lab.check_models import prompt_scores, prompt_test_set
-from pulid_lab.data import render_bank
-from pulid_lab.train_base import BaseTraining, train_base
+from pulid_lab.models import checkpoints
+from pulid_lab.models.base import OriginalModel, base_config_from_dict
+from pulid_lab.train.base_trainer import BaseTraining, train_base
+from pulid_lab.train.check_models import prompt_scores, prompt_test_set
+from pulid_lab.world import toyfaces as world
+from pulid_lab.world.data import render_bank
 
 
 def screen_reading(ema, probe) -> dict:
@@ -39,7 +40,7 @@ def screen_reading(ema, probe) -> dict:
 
 
 def peek(state_path: Path) -> dict:
-    from pulid_lab.config import pretrain_config
+    from pulid_lab.train.config import pretrain_config
     state = torch.load(state_path, map_location="cpu", weights_only=False)
     recipe = state.get("recipe")
     ema = OriginalModel(base_config_from_dict(recipe["model"]) if recipe else pretrain_config("paper").base.model)

@@ -1,7 +1,7 @@
 import pytest
 
-from pulid_lab.config import pretrain_config
-from pulid_lab.pretrain import pretrain
+from pulid_lab.train.config import pretrain_config
+from pulid_lab.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab import alignment_maps as A
-from pulid_lab import losses
-from pulid_lab.adapter import PuLIDAdapter
-from pulid_lab.attention import Capture, install
-from pulid_lab.base import BaseModelConfig, OriginalModel
-from pulid_lab.id_encoder import IDEncoderConfig
+from pulid_lab.core import losses
+from pulid_lab.core.adapter import PuLIDAdapter
+from pulid_lab.core.attention import Capture, install
+from pulid_lab.core.id_encoder import IDEncoderConfig
+from pulid_lab.lessons import alignment_maps as A
+from pulid_lab.models.base import BaseModelConfig, OriginalModel
 
 matplotlib.use("Agg")
 
@@ -159,7 +159,8 @@ def test_plots_return_figures(tiny_paths):
 def test_attention_explorer_widget_updates_without_a_frontend(tiny_paths):
     pytest.importorskip("ipywidgets")
     import matplotlib.pyplot as plt
-    from pulid_lab.widgets import attention_explorer
+
+    from pulid_lab.lessons.widgets import attention_explorer
     box = attention_explorer({"a": tiny_paths["with ID"], "b": tiny_paths["scale 0"]})
     c = box.controls
     assert box.result["token"] == "comic"

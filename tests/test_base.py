@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-from pulid_lab import vocab, world
-from pulid_lab.base import BaseModelConfig, OriginalModel, initial_noise
-from pulid_lab.data import render_bank
-from pulid_lab.sampling import diffusion_targets, lightning_sample, naive_x0, training_scheduler
-from pulid_lab.text import build_tokenizer, load_text, tokenize
-from pulid_lab.train_base import BaseTraining, train_base
+from pulid_lab.core.sampling import diffusion_targets, lightning_sample, naive_x0, training_scheduler
+from pulid_lab.models.base import BaseModelConfig, OriginalModel, initial_noise
+from pulid_lab.models.text import build_tokenizer, load_text, tokenize
+from pulid_lab.train.base_trainer import BaseTraining, train_base
+from pulid_lab.world import toyfaces as world
+from pulid_lab.world import vocab
+from pulid_lab.world.data import render_bank
 
 TINY = BaseModelConfig(block_out_channels=(16, 32, 32), attention_head_dim=16, norm_num_groups=8,
                        text_hidden=32, text_layers=1, text_heads=2)
@@ -59,11 +60,11 @@ def test_samplers_are_deterministic_given_a_seed(tiny):
 
 
 def test_few_step_sampler_output_stays_in_range(tiny):
-    """The schedule trap (DESIGN.md): with v-prediction the first step from t=999 must not explode."""
+    """The schedule trap (docs/method.md, "The noise schedule"): with v-prediction the first step from t=999 must not explode."""
     fn = tiny.model_fn(["a portrait"] * 2)
     with torch.no_grad():
         for solver in ("ddim", "dpm++"):
-            from pulid_lab.sampling import sample
+            from pulid_lab.core.sampling import sample
             x = sample(fn, initial_noise(2, 0), steps=4, solver=solver)
             assert x.abs().max() < 20, solver
 
@@ -117,7 +118,7 @@ def test_base_training_resumes_to_the_same_weights(tmp_path):
 
 
 def test_caption_labels_name_each_attribute_or_silence():
-    from pulid_lab.train_base import caption_labels
+    from pulid_lab.train.base_trainer import caption_labels
     labels = caption_labels(["a portrait, blue background, glasses, on the right", ""])
     assert labels["background"].tolist() == [vocab.ATTRIBUTES["background"].index("blue"), len(vocab.ATTRIBUTES["background"])]
     assert labels["glasses"].tolist() == [1, 2] and labels["position"].tolist() == [2, 3]
@@ -159,7 +160,7 @@ def test_face_weight_map_weights_the_face_box_and_changes_the_loss(tmp_path):
     """Inside the face box the weight is (1 + w) times the weight outside, each image's map averages 1, the box
     sits where the renderer drew the face (the face's pixels differ from the background's), and a run with the
     weighting trains on a different loss than plain MSE from the same batches."""
-    from pulid_lab.train_base import face_weight_map
+    from pulid_lab.train.base_trainer import face_weight_map
     bank = render_bank(world.TRAIN_IDS[:16], 2, seed=0, progress=False)
     w = face_weight_map(torch.tensor(bank.boxes), 4.0)[:, 0]
     assert w.shape == (32, 32, 32) and torch.allclose(w.mean((1, 2)), torch.ones(32))
@@ -175,38 +176,13 @@ def test_face_weight_map_weights_the_face_box_and_changes_the_loss(tmp_path):
     assert abs(weighted["final_loss"] - plain["final_loss"]) > 1e-4
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_pooled_text_reaches_the_unet_without_cross_attention(tmp_path, pooled):
-    """With ``pooled_text`` the caption also enters through the time embedding: silence every cross-attention
-    layer (to_v = 0) and the output still depends on the caption; without it, it no longer does. The option
-    survives save / load."""
-    from dataclasses import replace
-    torch.manual_seed(0)
-    model = OriginalModel(replace(TINY, pooled_text=pooled)).eval()
-    with torch.no_grad():
-        for name, module in model.unet.named_modules():
-            if name.endswith(("attn1", "attn2")):  # only_cross_attention: attn1 attends to the text too
-                module.to_v.weight.zero_()
-                if module.to_v.bias is not None:
-                    module.to_v.bias.zero_()
-        x, t = initial_noise(2, 0), torch.tensor([700, 700])
-        a = model.predict(x, t, model.encode(["a portrait, hat", "a portrait, hat"]))
-        b = model.predict(x, t, model.encode(["a portrait, no hat, sketch", "a portrait, no hat, sketch"]))
-        assert ((a - b).abs().max() > 1e-3) == pooled
-        model.save(tmp_path)
-        loaded = OriginalModel.load(tmp_path, model.cfg)
-        assert hasattr(loaded.unet, "add_embedding") == pooled
-        tokens = model.encode(["a portrait, hat"] * 2)
-        assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
-
-
 def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(tmp_path):
     """``coord_channels`` feeds each pixel's x and y (x = -1 at the left edge, +1 at the right) as two extra
     input channels the UNet really reads; ``only_cross_attention`` per block puts self-attention at 8x8 only.
     Both come back from the saved config."""
     from dataclasses import replace
 
-    from pulid_lab.base import base_config_dict, base_config_from_dict, coordinate_grid
+    from pulid_lab.models.base import base_config_dict, base_config_from_dict, coordinate_grid
     grid = coordinate_grid(torch.zeros(2, 3, 4, 5))
     assert grid.shape == (2, 2, 4, 5)
     assert grid[0, 0, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and grid[0, 1, :, 0].tolist()[0] == -1.0
@@ -228,8 +204,8 @@ def test_coordinate_channels_and_per_block_self_attention_survive_save_and_load(
         loaded = OriginalModel.load(tmp_path, loaded_cfg)
         assert torch.allclose(loaded.predict(x, t, tokens), model.predict(x, t, tokens), atol=2e-2)
         # the coordinates are appended inside the UNet: the PuLID branches call it with 3 channels, as any caller
-        from pulid_lab.branches import unet_fn
-        from pulid_lab.attention import install
+        from pulid_lab.core.attention import install
+        from pulid_lab.core.branches import unet_fn
         with install(model.unet):
             assert torch.equal(unet_fn(model.unet, tokens)(x, t, 0), model.predict(x, t, tokens))
         again = OriginalModel(cfg, model.tokenizer, model.text_encoder, copy.deepcopy(model.unet))  # hook twice

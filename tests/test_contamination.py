@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from pulid_lab import contamination, vocab
-from pulid_lab.contamination import WITHOUT_ID
+from pulid_lab.lessons import contamination
+from pulid_lab.lessons.contamination import WITHOUT_ID
+from pulid_lab.world import vocab
 
 
 def test_leak_set_prompts_contradict_every_measured_attribute():
@@ -43,9 +44,9 @@ def test_rates_count_prompt_values_and_reference_values():
 
 @pytest.fixture(scope="module")
 def smoke_lab(smoke_models):
-    from pulid_lab.adapter import PuLIDAdapter
-    from pulid_lab.base import load_base
-    from pulid_lab.evaluate import Evaluator
+    from pulid_lab.core.adapter import PuLIDAdapter
+    from pulid_lab.models.base import load_base
+    from pulid_lab.train.evaluate import Evaluator
     models, _ = smoke_models
     base = load_base(models)
     return base, Evaluator(models), PuLIDAdapter(base.unet).eval()  # untrained: random ID projections

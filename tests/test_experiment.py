@@ -1,8 +1,8 @@
 """Experiment configs: validation, and which knobs shape which stage (so grids share the stages they can)."""
 import pytest
 
-from pulid_lab.experiment import Experiment, stage_key
-from pulid_lab.lesson import figure_path
+from pulid_lab.lessons.lab import figure_path
+from pulid_lab.train.experiment import Experiment, stage_key
 
 
 def test_unknown_and_bad_parameters_are_clear():
@@ -46,7 +46,7 @@ def test_smoke_runs_never_write_committed_figures():
 def test_stage_key_changes_with_the_base_model(smoke_models, tmp_path):
     import shutil
 
-    from pulid_lab import checkpoints
+    from pulid_lab.models import checkpoints
     models, _ = smoke_models
     copy = tmp_path / "models"
     shutil.copytree(models, copy)
@@ -66,7 +66,7 @@ def test_defaults_have_one_source():
     from dataclasses import fields
     from pathlib import Path
 
-    from pulid_lab.train_pulid import PuLIDTraining
+    from pulid_lab.train.pulid_trainer import PuLIDTraining
 
     exp, training = Experiment(), PuLIDTraining()
     shared = ({f.name for f in fields(Experiment)} & {f.name for f in fields(PuLIDTraining)}) - {"stage"}  # stage: last vs own

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pulid_lab.grid import GridError, load_grid, pareto_front, read_results, report, run_grid
+from pulid_lab.grid import GridError, load_grid, read_results, report, run_grid
+from pulid_lab.lessons.plots import pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "experiment.ipynb"
@@ -20,7 +21,7 @@ def _write(tmp_path, spec) -> Path:
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "grids").glob("*.yaml")))
 def test_shipped_grids_load(name):
-    from pulid_lab.experiment import Experiment
+    from pulid_lab.train.experiment import Experiment
     full, smoke = load_grid(ROOT / "grids" / f"{name}.yaml"), load_grid(ROOT / "grids" / f"{name}.yaml", smoke=True)
     assert full.notebook == NOTEBOOK and len(smoke.configs) <= len(full.configs)
     assert all(p["profile"] == "smoke" for p in smoke.configs.values())
@@ -100,7 +101,7 @@ def test_smoke_grid_on_a_dask_cluster_resumes_and_records_failures(tmp_path, smo
 
 @pytest.mark.parametrize("varied", [[], ["lambda_sem"], ["lambda_sem", "lambda_layout"], ["a", "b", "c"]])
 def test_pareto_plot_encodes_up_to_two_varied_parameters(tmp_path, varied):
-    from pulid_lab import plots
+    from pulid_lab.lessons import plots
     rows = [{"config": f"c{i}", "face_sim": 0.1 * i, "prompt_score": 0.9 - 0.1 * i, "purity": 0.95 - 0.01 * i,
              **{k: (i + j) % 3 for j, k in enumerate(varied)}} for i in range(6)]
     table2 = {"rows": {"stage1": {m: {"mean": 0.5} for m in ("face_sim", "prompt_score", "purity")}}}

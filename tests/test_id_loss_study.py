@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab import id_loss_study as S
-from pulid_lab import vocab
-from pulid_lab.data import to_tensor
-from pulid_lab.sampling import training_scheduler
+from pulid_lab.core.imaging import to_tensor
+from pulid_lab.core.sampling import training_scheduler
+from pulid_lab.lessons import id_loss_study as S
+from pulid_lab.world import vocab
 
 matplotlib.use("Agg")
 
@@ -84,7 +84,7 @@ def test_study_summary_and_crossover():
 def test_plots_return_figures():
     import matplotlib.pyplot as plt
     s = synthetic_study()
-    report = {"id_scale_1": {"face_sim": 0.5, "prompt_score": 0.6, "purity": 0.7, "n": 16}}
+    report = {1.0: {"face_sim": 0.5, "prompt_score": 0.6, "purity": 0.7, "n": 16}}
     assert S.metrics_of(report) == {"face_sim": 0.5, "prompt_score": 0.6, "purity": 0.7}
     figs = [S.plot_study(s), S.plot_strip(s, "Stage 2", columns=3),
             S.plot_metric_bars({"a": S.metrics_of(report), "b": S.metrics_of(report)}, title="t")]
@@ -93,7 +93,7 @@ def test_plots_return_figures():
 
 
 def test_study_on_the_smoke_models(smoke_models):
-    from pulid_lab.lesson import open_lab
+    from pulid_lab.lessons.lab import open_lab
     lab = open_lab("smoke", smoke_models[0], "cpu", progress=False)
     s = S.study(lab, {"no ID": None}, n=3, timesteps=[0, 500, 999], examples=2)
     assert s.naive["no ID"].shape == (3, 3) and s.lightning["no ID"].shape == (3,)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab import inspection
-from pulid_lab.attention import IDAttnProcessor
-from pulid_lab.metrics import roc_auc, roc_curve
+from pulid_lab.core.attention import IDAttnProcessor
+from pulid_lab.core.metrics import roc_auc, roc_curve
+from pulid_lab.lessons import inspection
 
 
 def _pairwise_auc(scores, same):
@@ -52,14 +52,14 @@ def test_verification_scores_and_probe_accuracy_on_smoke_models(smoke_models):
         assert s.shape == (16,) and same.sum() == 8
     table = inspection.auc_table(scores)
     assert all(0 <= v <= 1 for sets in table.values() for v in sets.values())
-    from pulid_lab import checkpoints
+    from pulid_lab.models import checkpoints
     acc = inspection.probe_accuracy(checkpoints.load_model("probe", models), bank)
     assert set(acc) == set(bank.labels) and all(0 <= v <= 1 for v in acc.values())
     inspection.plot_roc(scores), inspection.plot_probe_accuracy(acc)
 
 
 def test_caption_heat_maps_one_map_per_word_per_resolution(smoke_models):
-    from pulid_lab.base import load_base
+    from pulid_lab.models.base import load_base
     models, _ = smoke_models
     base = load_base(models)
     before = {k: type(v) for k, v in base.unet.attn_processors.items()}
@@ -78,7 +78,7 @@ def test_caption_heat_maps_one_map_per_word_per_resolution(smoke_models):
 
 
 def test_losses_csv_roundtrip_smooth_and_plot(tmp_path):
-    from pulid_lab.train_pulid import write_log
+    from pulid_lab.core.files import write_log
     log = [{"step": i, "diff": 1.0 / (i + 1), "total": 1.0 / (i + 1)} for i in range(10)]
     write_log(tmp_path / "losses.csv", log)
     losses = inspection.read_losses(tmp_path / "losses.csv")
@@ -90,8 +90,8 @@ def test_losses_csv_roundtrip_smooth_and_plot(tmp_path):
 
 
 def test_adapter_parts_counts_what_trains(smoke_models):
-    from pulid_lab.adapter import PuLIDAdapter
-    from pulid_lab.base import load_base
+    from pulid_lab.core.adapter import PuLIDAdapter
+    from pulid_lab.models.base import load_base
     models, _ = smoke_models
     base = load_base(models)
     adapter = PuLIDAdapter(base.unet)

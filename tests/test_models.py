@@ -5,12 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab import checkpoints, nets, world
-from pulid_lab.check_models import THRESHOLDS, check_base_model, check_models
-from pulid_lab.config import pretrain_config
-from pulid_lab.identity import (FaceAnalysis, crops_for_insightface, export_recognizer_onnx,
-                                load_insightface_recognizer)
-from pulid_lab.pretrain import pretrain
+from pulid_lab.models import checkpoints, nets
+from pulid_lab.models.identity import (
+    FaceAnalysis,
+    crops_for_insightface,
+    export_recognizer_onnx,
+    load_insightface_recognizer,
+)
+from pulid_lab.train.check_models import THRESHOLDS, check_base_model, check_models
+from pulid_lab.train.config import pretrain_config
+from pulid_lab.train.pretrain import pretrain
+from pulid_lab.world import toyfaces as world
 
 
 def test_arcface_margin_matches_hand_formula():
@@ -121,19 +126,19 @@ def test_pretrain_resume_keeps_the_base_unless_its_recipe_changed(smoke_models, 
 
 
 def test_finished_base_pretrain_leaves_no_resume_state(smoke_models):
-    from pulid_lab.pretrain import train_state_dir
+    from pulid_lab.train.pretrain import train_state_dir
     out, _ = smoke_models
     assert not train_state_dir(out, "base").exists() and not train_state_dir(out, "base").parent.exists()
 
 
 @pytest.fixture(scope="module")
 def shipped_base_check():
-    from pulid_lab.check_models import check_base_model
+    from pulid_lab.train.check_models import check_base_model
     return check_base_model(n=48, seeds_per_caption=4, base_steps=25)
 
 
 def test_shipped_base_lightning_sampler_and_identity_legibility(shipped_base_check):
-    from pulid_lab.check_models import BASE_THRESHOLDS
+    from pulid_lab.train.check_models import BASE_THRESHOLDS
     r = shipped_base_check
     assert r["lightning_prompt_score"] >= BASE_THRESHOLDS["lightning_over_base"] * r["base_prompt_score"], r
     assert r["identity_legibility"] >= BASE_THRESHOLDS["identity_legibility"], r
@@ -141,5 +146,5 @@ def test_shipped_base_lightning_sampler_and_identity_legibility(shipped_base_che
 
 
 def test_shipped_base_prompt_score(shipped_base_check):
-    from pulid_lab.check_models import BASE_THRESHOLDS
+    from pulid_lab.train.check_models import BASE_THRESHOLDS
     assert shipped_base_check["base_prompt_score"] >= BASE_THRESHOLDS["base_prompt_score"], shipped_base_check

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from pulid_lab import losses
-from pulid_lab.attention import Capture, IDAttnSettings, IDProcessors, cross_attention_layers, heat_maps, install
-from pulid_lab.adapter import PuLIDAdapter
-from pulid_lab.base import BaseModelConfig, OriginalModel, initial_noise
-from pulid_lab.branches import lightning_branch
-from pulid_lab.id_encoder import IDEncoder, IDEncoderConfig
+from pulid_lab.core import losses
+from pulid_lab.core.adapter import PuLIDAdapter
+from pulid_lab.core.attention import Capture, IDAttnSettings, IDProcessors, cross_attention_layers, heat_maps, install
+from pulid_lab.core.branches import lightning_branch
+from pulid_lab.core.id_encoder import IDEncoder, IDEncoderConfig
+from pulid_lab.models.base import BaseModelConfig, OriginalModel, initial_noise
 
 
 def tiny_unets():
@@ -146,8 +146,22 @@ def test_diffusion_and_id_losses_against_hand_computation():
     ref = torch.randn(2, 3)
     emb = imgs.mean((2, 3))
     want = (1 - F.cosine_similarity(ref, emb)).mean().item()
-    got = losses.id_loss(Phi(), Det(), ref, imgs).item()
+    got = losses.id_loss(Phi(), ref, imgs, Det()).item()
     assert got == pytest.approx(want, abs=2e-3)  # bilinear resampling of the crop
+    # without a detector (the real tier: phi does its own cropping) phi sees the images as they are
+    assert losses.id_loss(Phi(), ref, imgs).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_pulid_objective_weighs_the_terms_and_refuses_unknown_ones():
+    from pulid_lab.core.objective import pulid_objective
+    terms = {"diff": torch.tensor(1.0), "id": torch.tensor(0.5), "align_sem": torch.tensor(2.0),
+             "align_layout": torch.tensor(4.0)}
+    out = pulid_objective(terms, lambda_id=1.0, lambda_sem=0.6, lambda_layout=0.1)
+    assert out["total"].item() == pytest.approx(1.0 + 0.5 + 0.6 * 2.0 + 0.1 * 4.0)
+    assert pulid_objective({"diff": torch.tensor(1.0)})["total"].item() == 1.0  # absent terms count 0
+    assert pulid_objective({"align_sem": 2.0, "align_layout": 4.0}, lambda_sem=0.5, lambda_layout=0.0)["total"] == 1.0
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        pulid_objective({"diff": torch.tensor(1.0), "idd": torch.tensor(1.0)})
 
 
 @pytest.mark.parametrize("kind", ["mlp", "idformer"])

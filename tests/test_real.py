@@ -1,5 +1,5 @@
 """The real tier on CPU with tiny randomly-initialised models of the real classes (no downloads, seconds); the
-tiny builders live in pulid_lab.real_tiny (notebook 06 uses them too)."""
+tiny builders live in pulid_lab.real.tiny (notebook 06 uses them too)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pulid_lab import real, real_tiny
-from pulid_lab.attention import IDProcessors
-from pulid_lab.real_tiny import DETECTOR_SIZE as DET
-from pulid_lab.real_tiny import FACES, KPS, tiny_extractor, tiny_unet
+from pulid_lab.core.attention import IDProcessors
+from pulid_lab.lessons.real_models import short_layer
+from pulid_lab.real import pipeline as real
+from pulid_lab.real import tiny as real_tiny
+from pulid_lab.real.tiny import DETECTOR_SIZE as DET
+from pulid_lab.real.tiny import FACES, KPS, tiny_extractor, tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -407,5 +409,5 @@ def test_zero_features_face_similarity_and_labels(tmp_path, onnx_models):
     assert real.face_similarity(img, emb, app) == pytest.approx(1.0, abs=1e-5)
     none = real.load_face_analysis(_pack(tmp_path / "none", onnx_models, "none"))
     assert real.face_similarity(img, emb, none) is None
-    assert real.short_layer("down_blocks.2.attentions.1.transformer_blocks.7.attn2") == "down2.a1.t7"
-    assert real.short_layer("mid_block.attentions.0.transformer_blocks.0.attn2.processor") == "mid.a0.t0"
+    assert short_layer("down_blocks.2.attentions.1.transformer_blocks.7.attn2") == "down2.a1.t7"
+    assert short_layer("mid_block.attentions.0.transformer_blocks.0.attn2.processor") == "mid.a0.t0"

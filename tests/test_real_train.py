@@ -1,4 +1,4 @@
-"""Real-tier training (pulid_lab.real_train) on CPU with tiny randomly-initialised SD1.5/SDXL pipelines, a fake
+"""Real-tier training (pulid_lab.real.train) on CPU with tiny randomly-initialised SD1.5/SDXL pipelines, a fake
 face analysis, a tiny fake ViT as the feature extractor and a tiny torch recognizer as phi (seconds)."""
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("insightface")
 
-from pulid_lab import real, real_train  # noqa: E402
-from pulid_lab.real_tiny import TinyRecognizer, save_pipeline, tiny_extractor  # noqa: E402
+from pulid_lab.real import pipeline as real
+from pulid_lab.real import train as real_train  # noqa: E402
+from pulid_lab.real.tiny import TinyRecognizer, save_pipeline, tiny_extractor  # noqa: E402
 
 RES = 32
 
@@ -255,8 +256,9 @@ def test_id_loss_gradient_reaches_the_encoder(saved, dataset):
 def test_lightning_paths_capture_every_layer_and_step(saved, kind):
     """The two Lightning paths of L_align, without training: same x_T, captures of every attn2 layer and step;
     the per-layer terms of alignment_maps.loss_terms sum to the losses."""
-    from pulid_lab import alignment_maps, losses
-    from pulid_lab.attention import cross_attention_layers, layer_name
+    from pulid_lab.core import losses
+    from pulid_lab.core.attention import cross_attention_layers, layer_name
+    from pulid_lab.lessons import alignment_maps
     pipe = _pipe(saved, kind)
     adapter = _adapter(pipe)
     with torch.no_grad():

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab import world
-from pulid_lab.base import load_base
-from pulid_lab.data import render_bank
-from pulid_lab.id_encoder import IDEncoderConfig
-from pulid_lab.train_pulid import NonFiniteLoss, PuLIDTrainer, PuLIDTraining, load_adapter, reference_indices
+from pulid_lab.core.id_encoder import IDEncoderConfig
+from pulid_lab.core.objective import NonFiniteLoss
+from pulid_lab.models.base import load_base
+from pulid_lab.train.pulid_trainer import PuLIDTrainer, PuLIDTraining, load_adapter, reference_indices
+from pulid_lab.world import toyfaces as world
+from pulid_lab.world.data import render_bank
 
 SMALL = dict(batch=4, lightning_batch=2, align_batch=2, checkpoint_every=1, encoder=IDEncoderConfig(width=32, n_global=2))
 
@@ -78,21 +79,21 @@ def test_reference_indices_pick_another_render_of_the_same_identity(bank):
 
 
 def test_evaluate_on_a_tiny_set(smoke_models, bank, tmp_path):
-    from pulid_lab.evaluate import Evaluator, evaluate, test_set
+    from pulid_lab.train.evaluate import Evaluator, evaluate, test_set
     tr = trainer(smoke_models, bank, tmp_path, steps=1)
     tr.fit(progress=False)
     tests = test_set(n_ids=2)
     assert len(tests.prompts) == 16 and len(set(tests.seeds)) == 16
     ev = Evaluator(smoke_models[0])
     report = evaluate(tr.base, tr.adapter, ev, tests, id_scales=(1.0, 0.0), batch=8, progress=False)
-    for scale in ("id_scale_1", "id_scale_0"):
+    for scale in (1.0, 0.0):
         r = report[scale]
         assert -1 <= r["face_sim"] <= 1 and 0 <= r["prompt_score"] <= 1 and r["n"] == 16
-    assert report["id_scale_0"]["purity"] == pytest.approx(1.0, abs=1e-5)  # no ID: identical images
+    assert report[0.0]["purity"] == pytest.approx(1.0, abs=1e-5)  # no ID: identical images
 
 
 def test_adapter_remembers_its_reference_view_and_evaluation_follows_it(smoke_models, bank, tmp_path):
-    from pulid_lab.evaluate import Evaluator
+    from pulid_lab.train.evaluate import Evaluator
     models, _ = smoke_models
     tr = trainer(smoke_models, bank, tmp_path, steps=1, reference_view="full")
     tr.fit(progress=False)
@@ -110,7 +111,7 @@ def test_adapter_remembers_its_reference_view_and_evaluation_follows_it(smoke_mo
 
 
 def test_spread_rows_differ_in_identity_and_prompt():
-    from pulid_lab.evaluate import spread_rows, test_set
+    from pulid_lab.train.evaluate import spread_rows, test_set
     tests = test_set(n_ids=25)
     pick = spread_rows(tests, 6)
     assert len(set(tests.ids[pick])) == 6 and len(set(tests.prompts[i] for i in pick)) == 6
@@ -121,8 +122,8 @@ def test_spread_rows_differ_in_identity_and_prompt():
 def test_validation_split_shares_nothing_with_the_test_set():
     """A recipe chosen on the validation split never saw a test identity, reference or noise seed; the test set
     is what it was before the split existed (the first held-out identities, noise from EVAL_SEED)."""
-    from pulid_lab import world
-    from pulid_lab.evaluate import EVAL_SEED, test_set
+    from pulid_lab.train.evaluate import EVAL_SEED, test_set
+    from pulid_lab.world import toyfaces as world
     test, val = test_set(150), test_set(50, split="validation")
     assert not set(test.ids) & set(val.ids) and not set(test.seeds) & set(val.seeds)
     assert list(test_set(3).ids[::8]) == list(world.HELDOUT_IDS[:3]) and test_set(3).seeds[0] == EVAL_SEED
@@ -134,7 +135,7 @@ def test_validation_split_shares_nothing_with_the_test_set():
 
 
 def test_prompt_score_needs_a_prompt_that_names_an_attribute(smoke_models):
-    from pulid_lab.evaluate import Evaluator
+    from pulid_lab.train.evaluate import Evaluator
     ev = Evaluator(smoke_models[0])
     images = torch.zeros(1, 3, 32, 32)
     assert ev.prompt_correct(images, ["a portrait, sketch"]).shape == (1,)
@@ -145,9 +146,12 @@ def test_prompt_score_needs_a_prompt_that_names_an_attribute(smoke_models):
 def test_reproduce_smoke_writes_table_claims_and_figures(smoke_models, tmp_path):
     import json
 
-    from pulid_lab.reproduce import ROWS, reproduce
+    from pulid_lab.lessons.plots import reproduction_figures
+    from pulid_lab.train.reproduce import ROWS, reproduce
     models, _ = smoke_models
-    table = reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False, figures=tmp_path / "fig")
+    table = reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False)
+    assert reproduction_figures(tmp_path / "run", tmp_path / "fig", models) == [tmp_path / "fig" / "table2.png",
+                                                                              tmp_path / "fig" / "id_insertion.png"]
     assert set(table["rows"]) == set(ROWS) and len(table["claims"]) == 5
     saved = json.loads((tmp_path / "run" / "table2.json").read_text())
     assert saved["rows"]["stage3"]["face_sim"]["runs"] == table["rows"]["stage3"]["face_sim"]["runs"]
@@ -160,7 +164,7 @@ def test_reproduce_smoke_writes_table_claims_and_figures(smoke_models, tmp_path)
     assert len(set(adapters.values())) == 4
     assert saved["overrides"] == {}
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "run" / "stages").glob("*/adapter.safetensors")}
-    reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False, figures=None)  # resumes: nothing retrained
+    reproduce(tmp_path / "run", "smoke", seeds=1, models_dir=models, progress=False)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime for p in (tmp_path / "run" / "stages").glob("*/adapter.safetensors")} == stamps
     _a_changed_recipe_retrains_only_what_it_changes(models, tmp_path, a=tmp_path / "run")
 
@@ -170,10 +174,10 @@ def _a_changed_recipe_retrains_only_what_it_changes(models, tmp_path, a):
     import json
     import shutil
 
-    from pulid_lab.reproduce import reproduce
+    from pulid_lab.train.reproduce import reproduce
     tmp_path = tmp_path / "recipes"
     shutil.copytree(a / "stages", tmp_path / "b" / "stages")
-    table = reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False, figures=None, lambda_layout=0.0)
+    table = reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False, lambda_layout=0.0)
     assert json.loads((tmp_path / "b" / "table2.json").read_text())["overrides"] == {"lambda_layout": 0.0}
     assert "lambda_layout = 0.0" in (tmp_path / "b" / "table2.md").read_text()
     # stages 1 and 2 are reused (their configs do not contain the Stage 3 weight); Stage 3 is new
@@ -183,6 +187,6 @@ def _a_changed_recipe_retrains_only_what_it_changes(models, tmp_path, a):
         assert old[row].split("/")[-1] == new[row].split("/")[-1]
     assert old["stage3"].split("/")[-1] != new["stage3"].split("/")[-1]
     with pytest.raises(ValueError, match="cannot override"):
-        reproduce(tmp_path / "c", "smoke", seeds=1, models_dir=models, progress=False, figures=None, eval_split="validation")
+        reproduce(tmp_path / "c", "smoke", seeds=1, models_dir=models, progress=False, eval_split="validation")
     with pytest.raises(ValueError, match="row of another recipe"):  # b's Stage 3 row is not the default recipe's
-        reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False, figures=None)
+        reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False)

@@ -6,12 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-from pulid_lab import widgets, world
-from pulid_lab.vocab import VocabularyError
+from pulid_lab.lessons import widgets
+from pulid_lab.world import toyfaces as world
+from pulid_lab.world.vocab import VocabularyError
 
 
 def test_importing_widgets_does_not_import_ipywidgets():
-    code = "import sys, pulid_lab.widgets; assert 'ipywidgets' not in sys.modules and 'IPython' not in sys.modules"
+    code = "import sys, pulid_lab.lessons.widgets; assert 'ipywidgets' not in sys.modules and 'IPython' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -27,14 +28,14 @@ def test_reference_for_is_a_fixed_young_render():
 
 @pytest.fixture(scope="module")
 def lab(smoke_models):
-    from pulid_lab.lesson import open_lab
+    from pulid_lab.lessons.lab import open_lab
     models, _ = smoke_models
     return open_lab("smoke", models, "cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
 def adapter(lab):
-    from pulid_lab.adapter import PuLIDAdapter
+    from pulid_lab.core.adapter import PuLIDAdapter
     return PuLIDAdapter(lab.base.unet).eval()  # untrained: random ID projections change the output
 
 

@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab import vocab, world
-from pulid_lab.data import ToyFacesDataset, align_faces, as_image_batch, to_tensor
+from pulid_lab.core.imaging import align_faces, to_tensor
+from pulid_lab.world import toyfaces as world
+from pulid_lab.world import vocab
+from pulid_lab.world.data import ToyFacesDataset, as_image_batch
 
 BASE = dict(background="blue", style="photo", lighting="front", glasses="no", hat="no",
             expression="neutral", position="center", scale="close-up", age="young")
@@ -120,7 +122,7 @@ def test_bad_reference_images_get_clear_errors():
 
 
 def test_canonical_caption_order():
-    from pulid_lab import vocab
+    from pulid_lab.world import vocab
     assert vocab.canonical("a portrait, sketch, red background, glasses") == "a portrait, red background, sketch, glasses"
     assert vocab.canonical("a portrait, red background, sketch, glasses") == "a portrait, red background, sketch, glasses"
     assert vocab.canonical("") == ""

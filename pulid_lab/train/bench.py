@@ -1,0 +1,188 @@
+"""`pulid-lab bench --json`: measured ratios for the PuLID core on the mini model (not timed tests).
+
+Peak memory on CPU: each Lightning configuration runs in a fresh subprocess; the figure is the growth of the
+process's peak resident set (VmHWM) during one training step over its resident set just before it (VmRSS),
+read from /proc/self/status. The subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc serves
+tensor-sized blocks with mmap and returns them to the OS when freed; otherwise freed memory stays in the
+heap and the high-water mark measures the allocator's fragmentation rather than live tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from ..core import losses
+from ..core.adapter import PuLIDAdapter
+from ..core.attention import Capture, install
+from ..core.branches import lightning_branch, unet_fn
+from ..core.id_encoder import IDEncoderConfig
+from ..models.base import BaseModelConfig, OriginalModel, initial_noise
+
+
+def _timeit(fn, repeat=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]  # median
+
+
+def _setup(batch, seed=0):
+    torch.manual_seed(seed)
+    base = OriginalModel(BaseModelConfig()).requires_grad_(False)
+    adapter = PuLIDAdapter(base.unet, IDEncoderConfig(token_dim=base.cfg.text_hidden))
+    emb = torch.randn(batch, 512)
+    feats = [torch.randn(batch, c, s, s) for c, s in zip((32, 64, 128, 256, 256), (32, 16, 8, 4, 1))]
+    text = base.encode(["a portrait, sketch, blue background"] * batch).detach()
+    return base, adapter, emb, feats, text
+
+
+def hook_overhead(batch=16) -> float:
+    base, adapter, emb, feats, text = _setup(batch)
+    x, t = torch.randn(batch, 3, 32, 32), torch.full((batch,), 500)
+    with torch.no_grad():
+        plain = _timeit(lambda: base.unet(x, t, encoder_hidden_states=text))
+        with install(base.unet):
+            def captured():
+                cap = Capture()
+                base.unet(x, t, encoder_hidden_states=text, cross_attention_kwargs={"capture": cap, "step": 0})
+            hooked = _timeit(captured)
+    return hooked / plain
+
+
+def lightning_step(k: int, use_checkpoint: bool, batch: int = 8) -> dict:
+    """One Lightning-branch training step (both paths, L_align + an image loss, backward); memory growth and time."""
+    base, adapter, emb, feats, text = _setup(batch)
+    x_T = initial_noise(batch, 0)
+    rss0 = _rss_kib()
+    t0 = time.perf_counter()
+    with adapter.installed(base.unet):
+        out = lightning_branch(base.unet, text, adapter.tokens(emb, feats), x_T, grad_steps=k, use_checkpoint=use_checkpoint)
+        loss = losses.align_loss(out.capture_id, out.capture_plain)[0] + out.image_id.square().mean()
+        loss.backward()
+    return {"seconds": time.perf_counter() - t0, "peak_growth_mib": (_peak_kib() - rss0) / 1024}
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _rss_kib():
+    return _status("VmRSS:")
+
+
+def _peak_kib():
+    return _status("VmHWM:")
+
+
+def _in_subprocess(k, use_checkpoint):
+    code = (f"import json, torch; torch.manual_seed(0); from pulid_lab.train.bench import lightning_step; "
+            f"print(json.dumps(lightning_step({k}, {use_checkpoint})))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def align_loss_fraction(batch=8) -> float:
+    """Time of L_align (forward + backward, all layers, one step) / time of that step's UNet forward + backward."""
+    base, adapter, emb, feats, text = _setup(batch)
+    x, t = torch.randn(batch, 3, 32, 32), torch.full((batch,), 500)
+    with adapter.installed(base.unet):
+        tokens = adapter.tokens(emb, feats).detach()
+        cap_plain = Capture()
+        with torch.no_grad():
+            unet_fn(base.unet, text, None, 0.0, cap_plain)(x, t, 0)
+
+        def unet_step():
+            out = unet_fn(base.unet, text, tokens.requires_grad_(True), 1.0, Capture())(x, t, 0)
+            out.square().mean().backward()
+        cap_id = Capture()
+        unet_fn(base.unet, text, tokens, 1.0, cap_id)(x, t, 0)
+        qs = {k: v.detach() for k, v in cap_id.q.items()}
+
+        def align_only():
+            cap = Capture()
+            for key, q in qs.items():
+                cap.q[key], cap.k[key] = q.clone().requires_grad_(True), cap_id.k[key].detach()
+            losses.align_loss(cap, cap_plain)[0].backward()
+        return _timeit(align_only) / _timeit(unet_step)
+
+
+def sdpa_vs_explicit(n_img=4096, n_txt=77, channels=640, batch=1) -> dict:
+    """The semantic term at SDXL-like sizes: SDPA(query=K, key=Q, value=Q) vs the explicit softmax formula."""
+    q = torch.randn(batch, n_img, channels, requires_grad=True)
+    k = torch.randn(batch, n_txt, channels)
+
+    def sdpa():
+        losses.text_response(q, k).sum().backward()
+
+    def explicit():
+        (torch.softmax(k @ q.transpose(1, 2) / channels ** 0.5, -1) @ q).sum().backward()
+    return {"sdpa_seconds": _timeit(sdpa), "explicit_seconds": _timeit(explicit),
+            "attention_matrix_mib": batch * n_img * n_txt * 4 / 2**20}
+
+
+def adapter_train_throughput_ratio(batch=16) -> float:
+    """Stage-1 adapter training images/s / plain base-UNet training images/s, equal batch."""
+    torch.manual_seed(0)
+    base, adapter, emb, feats, text = _setup(batch)
+    x, t, v = torch.randn(batch, 3, 32, 32), torch.full((batch,), 500), torch.randn(batch, 3, 32, 32)
+    opt_a = torch.optim.AdamW(adapter.parameters(), 1e-4)
+
+    def adapter_step():
+        with adapter.installed(base.unet):
+            pred = unet_fn(base.unet, text, adapter.tokens(emb, feats))(x, t, 0)
+            loss = losses.diffusion_loss(pred, v)
+        opt_a.zero_grad()
+        loss.backward()
+        opt_a.step()
+    t_adapter = _timeit(adapter_step, repeat=4)
+    base.unet.requires_grad_(True)
+    opt_b = torch.optim.AdamW(base.unet.parameters(), 1e-4)
+
+    def base_step():
+        loss = losses.diffusion_loss(base.unet(x, t, encoder_hidden_states=text).sample, v)
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+    t_base = _timeit(base_step, repeat=4)
+    return t_base / t_adapter  # ratio of images/s
+
+
+def run() -> dict:
+    by_k = {k: _in_subprocess(k, True) for k in (1, 2, 3, 4)}
+    k1, k4 = by_k[1], by_k[4]
+    k1n, k4n = _in_subprocess(1, False), _in_subprocess(4, False)
+    report = {
+        "hook_overhead": hook_overhead(),
+        "lightning_memory_k4_over_k1": k4["peak_growth_mib"] / k1["peak_growth_mib"],
+        "lightning_memory_k4_over_k1_no_checkpoint": k4n["peak_growth_mib"] / k1n["peak_growth_mib"],
+        "lightning_time_k4_over_k1": k4["seconds"] / k1["seconds"],
+        "lightning_step_mib": {**{f"k{k}": round(v["peak_growth_mib"], 1) for k, v in by_k.items()},
+                               "k1_no_checkpoint": round(k1n["peak_growth_mib"], 1),
+                               "k4_no_checkpoint": round(k4n["peak_growth_mib"], 1)},
+        # k = 1 never needs gradients below the first attn2 layer (the full-resolution level); every k >= 2 does
+        "lightning_memory_k4_over_k2": by_k[4]["peak_growth_mib"] / by_k[2]["peak_growth_mib"],
+        "align_loss_fraction": align_loss_fraction(),
+        "sdxl_semantic_term": sdpa_vs_explicit(),
+        "adapter_train_throughput_ratio": adapter_train_throughput_ratio(),
+        "threads": torch.get_num_threads(),
+    }
+    report["goals"] = {"hook_overhead <= 1.10": report["hook_overhead"] <= 1.10,
+                       "lightning_memory_k4_over_k1 <= 1.15": report["lightning_memory_k4_over_k1"] <= 1.15,
+                       "align_loss_fraction <= 0.10": report["align_loss_fraction"] <= 0.10,
+                       "adapter_train_throughput_ratio >= 0.9": report["adapter_train_throughput_ratio"] >= 0.9}
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()}

@@ -1,0 +1,166 @@
+"""One experiment = one configuration of the PuLID recipe, trained and evaluated (what a grid cell runs).
+
+An ``Experiment`` names the stage it ends at and the knobs of each stage; ``run_experiment`` trains the chain
+of stages it needs (stage 1 -> 2 -> 3, each starting from the previous one's weights), evaluates the last one
+on the held-out test set, and returns the three metrics. Stages are cached in ``stages_dir`` under a key made
+of everything that shapes them, so the twelve cells of a lambda_sem x lambda_layout grid share one Stage 1 and
+one Stage 2, and a rerun after an interruption resumes the stage it was in.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..core.attention import IDAttnSettings
+from ..core.files import plain_json, write_json
+from ..models import checkpoints
+from ..world import toyfaces as world
+from ..world.data import render_bank
+from .config import REPRODUCE_PROFILES, ReproduceProfile
+from .evaluate import SPLITS, Evaluator, evaluate, test_set
+from .pulid_trainer import PuLIDTrainer, PuLIDTraining, load_adapter
+
+ORTHO_MODES = ("off", "ortho", "ortho_v2")
+_TRAINING = PuLIDTraining()  # the defaults of every training knob
+
+
+@dataclass
+class Experiment:
+    """Every knob a grid may turn. Training knobs act on the stage named in the comment and on later ones."""
+    profile: str = "quick"  # step budgets and test-set size (reproduce.REPRODUCE_PROFILES)
+    stage: int = 3  # the last stage trained (1, 2 or 3)
+    seed: int = _TRAINING.seed
+    # the training knobs' defaults are PuLIDTraining's (one place for each default)
+    id_source: str = _TRAINING.id_source  # stage 1+: ID reference = the target itself, or another render of it
+    reference_view: str = _TRAINING.reference_view  # stage 1+: what the image encoder sees of the reference: full | crop
+    id_loss: str = _TRAINING.id_loss  # stage 2+: lightning | naive
+    grad_steps: int = _TRAINING.grad_steps  # stage 2+: Lightning steps backpropagated (k)
+    lambda_id: float = _TRAINING.lambda_id  # stage 2+
+    lambda_sem: float = _TRAINING.lambda_sem  # stage 3
+    lambda_layout: float = _TRAINING.lambda_layout  # stage 3
+    # stage 3: L_align over the (layer, step) pairs: "sum" as the paper writes it, or "mean" (= sum / 28 pairs in the
+    # mini UNet). Measured (quick budgets, 96 test rows): the sum at lambda 0.6/0.1 kept 65% of Stage 2's Face Sim,
+    # the mean 87% (4 Lightning ID samples per step) and 79% (8, the main job's run)
+    align_reduction: str = _TRAINING.align_reduction
+    id_scale: float = 1.0  # inference
+    num_zero: int = 0  # inference: zero tokens appended to the ID tokens
+    ortho: str = "off"  # inference: off | ortho | ortho_v2
+    eval_ids: int = 0  # held-out identities evaluated (x 8 prompts); 0 = the profile's number
+    # which held-out identities: "test" (what the tables report) or "validation" (choose a recipe there)
+    eval_split: str = "test"
+
+    def __post_init__(self):
+        if self.profile not in REPRODUCE_PROFILES:
+            raise ValueError(f"profile must be one of {tuple(REPRODUCE_PROFILES)}, got {self.profile!r}")
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"eval_split must be one of {tuple(SPLITS)}, got {self.eval_split!r}")
+        if self.ortho not in ORTHO_MODES:
+            raise ValueError(f"ortho must be one of {ORTHO_MODES}, got {self.ortho!r}")
+        self.stage_training(self.stage)  # PuLIDTraining validates id_loss, id_source, grad_steps
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Experiment":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown experiment parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+    @property
+    def budget(self) -> ReproduceProfile:
+        return REPRODUCE_PROFILES[self.profile]
+
+    def stage_training(self, stage: int) -> PuLIDTraining:
+        """The training config of one stage of this experiment's chain (only the knobs that stage uses)."""
+        b = self.budget
+        kw = dict(stage=stage, seed=self.seed, id_source=self.id_source, reference_view=self.reference_view, batch=b.batch,
+                  lightning_batch=b.lightning_batch, align_batch=b.align_batch, checkpoint_every=b.checkpoint_every)
+        if stage >= 2:
+            kw.update(id_loss=self.id_loss, grad_steps=self.grad_steps, lambda_id=self.lambda_id)
+        if stage == 3:
+            kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout, align_reduction=self.align_reduction)
+        kw["steps"] = (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
+        return PuLIDTraining(**kw)
+
+    def settings(self) -> IDAttnSettings:
+        return IDAttnSettings(num_zero=self.num_zero, ortho=self.ortho == "ortho", ortho_v2=self.ortho == "ortho_v2")
+
+
+def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None) -> str:
+    """A short hash of everything that shapes a trained stage: its config, its parent, the models it uses."""
+    folder = Path(models_dir) if models_dir else checkpoints.default_models_dir()
+    manifest = checkpoints.read_manifest(folder)
+    models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
+    models.update({k: v.get("sha256", "") for k, v in manifest.get("files", {}).items()})  # the base model's files
+    blob = json.dumps([plain_json(asdict(cfg)), parent, models], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One process at a time trains a given stage; the others wait, then reuse its result."""
+    import fcntl
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def stage_dirs(exp: Experiment, stages_dir: Path, models_dir: Path | None = None) -> list[Path]:
+    """The folder of each stage of ``exp``'s chain, trained or not: ``stages_dir/stage<k>-<key>``."""
+    dirs, parent_key = [], None
+    for stage in range(1, exp.stage + 1):
+        parent_key = stage_key(exp.stage_training(stage), parent_key, models_dir)
+        dirs.append(Path(stages_dir) / f"stage{stage}-{parent_key}")
+    return dirs
+
+
+def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, base=None, device=None,
+                progress: bool = True) -> Path:
+    """Train (or reuse) stages 1..exp.stage; returns the folder of the last stage's adapter."""
+    from ..models.base import load_base
+    stages_dir = Path(stages_dir)
+    base = base or load_base(models_dir, device)
+    bank = None
+    parent_dir = None
+    for stage, folder in enumerate(stage_dirs(exp, stages_dir, models_dir), start=1):
+        cfg = exp.stage_training(stage)
+        with _exclusive(stages_dir / f".{folder.name}.lock"):
+            if not (folder / "adapter.safetensors").exists():
+                if bank is None:
+                    bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
+                trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=parent_dir, device=device)
+                trainer.fit(resume=True, progress=progress)
+        parent_dir = folder
+    return parent_dir
+
+
+def run_experiment(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, device=None,
+                   progress: bool = True) -> dict:
+    """Train what ``exp`` needs, evaluate it, return {params, face_sim, prompt_score, purity, n, adapter, seconds}."""
+    from ..core.device import default_device
+    from ..models.base import load_base
+    t0 = time.time()
+    device = default_device(device)
+    base = load_base(models_dir, device)
+    adapter_dir = train_chain(exp, stages_dir, models_dir, base, device, progress)
+    adapter = load_adapter(adapter_dir, base.unet).to(device)
+    adapter.use_settings(exp.settings())
+    tests = test_set(exp.eval_ids or exp.budget.eval_ids, split=exp.eval_split)
+    metrics = evaluate(base, adapter, Evaluator(models_dir, device), tests, (exp.id_scale,), progress=progress)
+    return {"params": asdict(exp), **metrics[float(exp.id_scale)], "adapter": str(adapter_dir),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def write_result(path: str | Path, result: dict) -> Path:
+    """Atomically write ``result.json`` (a killed run never leaves a half-written one)."""
+    return write_json(path, plain_json(result))
