@@ -68,7 +68,8 @@ def _evaluate(args):
     adapter = load_adapter(Path(args.checkpoint), base.unet).to(device)
     tests = test_set(args.ids, split=args.split)
     report = evaluate(base, adapter, Evaluator(args.models, device), tests, tuple(args.id_scales), progress=not args.json)
-    print(json.dumps(report, indent=None if args.json else 2))
+    summary = {f"id_scale {scale:g}": {k: v for k, v in r.items() if k != "rows"} for scale, r in report.items()}
+    print(json.dumps(summary, indent=None if args.json else 2))
 
 
 def _settings(items: list[str] | None, allowed) -> dict:
@@ -131,8 +132,11 @@ def _grid_report(args):
 
 
 def _bench(args):
-    from .train.bench import run
-    report = run()
+    from .train.bench import run, stage_step_breakdown
+    if args.breakdown:
+        report = {f"stage {s}": stage_step_breakdown(stage=s, models_dir=args.models) for s in (1, 2, 3)}
+    else:
+        report = run()
     print(json.dumps(report, indent=None if args.json else 2))
 
 
@@ -217,6 +221,9 @@ def main(argv=None):
 
     b = sub.add_parser("bench", help="measured speed and memory ratios of the PuLID core on the mini model")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--breakdown", action="store_true",
+                   help="instead: where one training step of each stage spends its time, on the shipped models")
+    b.add_argument("--models", default=None)
     b.set_defaults(func=_bench)
 
     args = p.parse_args(argv)

@@ -166,8 +166,10 @@ def write_results_csv(out: Path, grid: Grid) -> Path:
     for name, params in grid.configs.items():
         r = valid_result(out / "runs" / name, params)
         if r is not None:
+            own = r.get("reconstruction") or {}
             rows.append({"config": name, **{k: v for k, v in params.items()},
-                         **{m: r[m] for m in METRICS}, "n": r.get("n"), "seconds": r.get("seconds")})
+                         **{m: r[m] for m in METRICS}, **{f"own_caption_{m}": own[m] for m in METRICS if m in own},
+                         "n": r.get("n"), "seconds": r.get("seconds")})
     return write_csv(out / "results.csv", rows, list(dict.fromkeys(k for row in rows for k in row)))
 
 
@@ -258,7 +260,7 @@ def report(out: str | Path, figure: str | Path | None = None, table2: str | Path
         raise GridError(f"{out}/results.csv has no results yet")
     paper_rows = json.loads(Path(table2).read_text()) if table2 else None
     fig_path = Path(figure) if figure else out / "pareto.png"
-    varied = [k for k in rows[0] if k not in (*METRICS, "config", "n", "seconds")
+    varied = [k for k in rows[0] if k not in (*METRICS, "config", "n", "seconds") and not k.startswith("own_caption_")
               and len({r[k] for r in rows}) > 1]
     plots.pareto(rows, paper_rows, out=fig_path, title=out.name, varied=varied)
     lines = ["| " + " | ".join(varied + list(METRICS)) + " | Pareto (prompt score) | Pareto (purity) |",

@@ -36,6 +36,12 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     assert len(set(kd) & set(ka)) == 0  # the ID source shapes every stage
     assert chain(Experiment(profile="smoke", id_scale=0.5, ortho="ortho_v2")) == kb  # inference knobs train nothing
     assert Experiment(profile="smoke").stage_training(3).lambda_sem == 0.6
+    # the options added later shape every stage when set, and leave the key as it was at their neutral value
+    ke = chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=4.0))
+    assert len(set(ke) & set(kb)) == 0
+    assert chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=0.0, id_dropout=0.0)) == kb
+    kf = chain(Experiment(profile="smoke", lambda_sem=0.6, stage2_steps=5))
+    assert kf[0] == kb[0] and kf[1] != kb[1]  # a stage's own budget shapes it and what follows
 
 
 def test_smoke_runs_never_write_committed_figures():

@@ -84,8 +84,8 @@ def test_study_summary_and_crossover():
 def test_plots_return_figures():
     import matplotlib.pyplot as plt
     s = synthetic_study()
-    report = {1.0: {"face_sim": 0.5, "prompt_score": 0.6, "purity": 0.7, "n": 16}}
-    assert S.metrics_of(report) == {"face_sim": 0.5, "prompt_score": 0.6, "purity": 0.7}
+    report = {1.0: {"face_sim": 0.5, "recognized": 0.25, "prompt_score": 0.6, "purity": 0.7, "n": 16}}
+    assert S.metrics_of(report) == {"face_sim": 0.5, "recognized": 0.25, "prompt_score": 0.6, "purity": 0.7}
     figs = [S.plot_study(s), S.plot_strip(s, "Stage 2", columns=3),
             S.plot_metric_bars({"a": S.metrics_of(report), "b": S.metrics_of(report)}, title="t")]
     assert all(isinstance(f, plt.Figure) for f in figs)

@@ -89,6 +89,10 @@ def test_evaluate_on_a_tiny_set(smoke_models, bank, tmp_path):
     for scale in (1.0, 0.0):
         r = report[scale]
         assert -1 <= r["face_sim"] <= 1 and 0 <= r["prompt_score"] <= 1 and r["n"] == 16
+        assert set(r["rows"]) == {"face_sim", "recognized", "face_sim_phi_loss", "prompt_score", "purity", "ids"}
+        assert all(len(v) == 16 for v in r["rows"].values()) and set(r["rows"]["recognized"]) <= {0.0, 1.0}
+        assert r["recognized"] == pytest.approx(np.mean(np.array(r["rows"]["face_sim"]) >= ev.recognition_threshold))
+        assert r["phi_gap"] == pytest.approx(np.mean(r["rows"]["face_sim_phi_loss"]) - r["face_sim"], abs=1e-5)
     assert report[0.0]["purity"] == pytest.approx(1.0, abs=1e-5)  # no ID: identical images
 
 

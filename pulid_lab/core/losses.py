@@ -17,9 +17,12 @@ from .metrics import cosine
 LAMBDA_SEM, LAMBDA_LAYOUT, LAMBDA_ID = 0.6, 0.1, 1.0
 
 
-def diffusion_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
-    """L_diff = || v_hat - v ||_2^2 (mean over pixels; v-prediction)."""
-    return F.mse_loss(v_pred.float(), v_target.float())
+def diffusion_loss(v_pred: torch.Tensor, v_target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L_diff = || v_hat - v ||_2^2 (mean over pixels; v-prediction). ``weights`` (B, 1, H, W), mean 1 per image,
+    make some pixels count more (e.g. the face box, whose fine structure carries the identity)."""
+    if weights is None:
+        return F.mse_loss(v_pred.float(), v_target.float())
+    return ((v_pred.float() - v_target.float()) ** 2 * weights).mean()
 
 
 def text_response(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

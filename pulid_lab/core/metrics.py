@@ -69,3 +69,43 @@ def roc_auc(scores: np.ndarray, same: np.ndarray) -> float:
     """Area under the ROC curve: the probability that a genuine pair scores above an impostor pair."""
     fpr, tpr, _ = roc_curve(scores, same)
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def impostor_scores(embeddings: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every pair of embeddings (N, D) whose identities differ (each pair once)."""
+    e = F.normalize(embeddings.float(), dim=-1)
+    sims = (e @ e.T).cpu().numpy()
+    ids = np.asarray(ids)
+    upper = np.triu(np.ones(sims.shape, bool), k=1) & (ids[:, None] != ids[None, :])
+    if not upper.any():
+        raise ValueError("impostor pairs need embeddings of at least two different identities")
+    return sims[upper]
+
+
+def threshold_at_far(impostor: np.ndarray, far: float = 0.01) -> float:
+    """The similarity threshold at which a fraction ``far`` of impostor pairs is accepted (score >= threshold):
+    a face is *recognised* as a reference when its similarity reaches it."""
+    if not 0 < far < 1:
+        raise ValueError(f"far must be in (0, 1), got {far}")
+    return float(np.quantile(np.asarray(impostor, np.float64), 1 - far))
+
+
+def bootstrap_interval(values: np.ndarray, groups: np.ndarray, n: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): a percentile bootstrap interval of the mean of ``values`` (S, N) — S training seeds x N
+    test rows — resampling seeds and test identities (``groups`` (N,): the identity of each row) independently.
+
+    Rows of one identity move together, so a paired difference (row-wise A - B on the same test rows) gets the
+    interval of a paired bootstrap over identities; with one seed only identities are resampled."""
+    v = np.atleast_2d(np.asarray(values, np.float64))
+    groups = np.asarray(groups)
+    if v.shape[1] != len(groups):
+        raise ValueError(f"values have {v.shape[1]} rows per seed but groups has {len(groups)}")
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    per_group = np.stack([np.bincount(inverse, weights=row, minlength=len(uniq)) / np.bincount(inverse) for row in v])
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(len(v), size=(n, len(v)))
+    g_idx = rng.integers(len(uniq), size=(n, len(uniq)))
+    stats = per_group[s_idx[:, :, None], g_idx[:, None, :]].mean(axis=(1, 2))  # (n,)
+    alpha = (1 - level) / 2
+    return float(per_group.mean()), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))

@@ -206,22 +206,18 @@ def plot_strip(s: IDLossStudy, name: str, columns: int = 6, out=None):
 
 
 def metrics_of(report: dict, id_scale: float = 1.0) -> dict:
-    """The three metrics of one ``evaluate`` report at one id_scale."""
+    """The metrics of one ``evaluate`` report at one id_scale (means over the test rows)."""
     row = report[float(id_scale)]
     return {k: row[k] for k in METRICS}
 
 
-METRIC_TITLES = {"face_sim": "Face Sim (phi_eval)", "prompt_score": "prompt score (CLIP-T analog)",
-                 "purity": "purity (CLIP-I analog)"}
-
-
 def plot_metric_bars(results: dict[str, dict], title: str = "", out=None):
-    """One panel per metric, one bar per entry of ``results`` (name -> {face_sim, prompt_score, purity})."""
+    """One panel per metric, one bar per entry of ``results`` (name -> {face_sim, recognized, prompt_score, purity})."""
     import matplotlib.pyplot as plt
 
-    from .plots import save
+    from .plots import METRIC_TITLES, save
     names = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, len(METRIC_TITLES), figsize=(3.6 * len(METRIC_TITLES), 3.2))
     colours = ["#8c8c8c", "#d8a03a", "#c0392b", "#2c7fb8", "#4daf4a", "#984ea3"]
     for ax, (m, t) in zip(axes, METRIC_TITLES.items()):
         vals = [results[k][m] for k in names]

@@ -97,19 +97,33 @@ def base_samples(model, captions=BASE_SAMPLE_CAPTIONS, seeds=range(6), out=None)
     return image_grid(np.stack(rows), [c.replace("a portrait, ", "").replace(", ", "\n") for c in captions], titles, out=out)
 
 
+METRIC_TITLES = {"face_sim": "Face Sim (phi_eval)", "recognized": "recognized as the reference",
+                 "prompt_score": "prompt score (CLIP-T analog)", "purity": "purity (CLIP-I analog)"}
+
+
 def table2(table: dict, out=None):
-    """Three panels (Face Sim, prompt score, purity): one bar per Table 2 row, error bars = std over seeds."""
+    """One panel per metric: a bar per Table 2 row with its 95% interval (bootstrap over seeds and test identities);
+    dashed lines: the original model without ID (grey) and the oracle (green), where the table has them."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    titles = {"face_sim": "Face Sim (phi_eval)", "prompt_score": "prompt score (CLIP-T analog)", "purity": "purity (CLIP-I analog)"}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.6 * len(METRICS), 3.3))
     colours = ["#8c8c8c", "#d8a03a", "#c0392b", "#2c7fb8"]
     for ax, m in zip(axes, METRICS):
-        means = [table["rows"][r][m]["mean"] for r in ROWS]
-        stds = [table["rows"][r][m]["std"] for r in ROWS]
-        ax.bar(range(len(ROWS)), means, yerr=stds, color=colours, capsize=3)
+        means = np.array([table["rows"][r][m]["mean"] for r in ROWS])
+        ci = np.array([table["rows"][r][m].get("ci", [v, v]) for r, v in zip(ROWS, means)])
+        ax.bar(range(len(ROWS)), means, yerr=[means - ci[:, 0], ci[:, 1] - means], color=colours, capsize=3)
+        for name, colour in (("no_id", "#555555"), ("oracle", "#2ca02c")):
+            ref = (table.get(name) or {}).get(m)
+            if ref is not None:
+                ax.axhline(ref["mean"], ls="--", lw=1, color=colour, label="no ID" if name == "no_id" else "oracle")
         ax.set_xticks(range(len(ROWS)), [ROW_LABELS[r].replace(" (", "\n(") for r in ROWS], fontsize=6, rotation=20)
-        ax.set_title(titles[m], fontsize=9)
-    fig.suptitle(f"Table 2 in the mini world ({table.get('profile', '')}, {table.get('seeds', '')} seed(s))", fontsize=10)
+        ax.set_title(METRIC_TITLES[m], fontsize=9)
+        if m == "recognized":
+            ax.set_ylim(0, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(f"Table 2 in the mini world ({table.get('profile', '')}, {table.get('seeds', '')} seed(s)); "
+                 "error bars: 95% intervals", fontsize=10)
     fig.tight_layout()
     return save(fig, out)
 

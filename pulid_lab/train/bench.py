@@ -186,3 +186,72 @@ def run() -> dict:
                        "align_loss_fraction <= 0.10": report["align_loss_fraction"] <= 0.10,
                        "adapter_train_throughput_ratio >= 0.9": report["adapter_train_throughput_ratio"] >= 0.9}
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()}
+
+
+def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int = 4, models_dir=None,
+                         batch: int = 16, lightning_batch: int = 8, align_batch: int = 4) -> dict:
+    """Where one PuLID training step of the shipped models spends its time (seconds per step, median over
+    ``steps`` after one warm-up step): the frozen conditioning path, the diffusion branch's UNet forward, the
+    Lightning branch's forward, the recognizers of L_id, the backward pass and the optimiser; plus the step's
+    floating-point work and the time this machine's matrix multiply would need for it."""
+    import tempfile
+    from collections import defaultdict
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..world import toyfaces as world
+    from ..world.data import render_bank
+    from . import pulid_trainer as T
+
+    bank = render_bank(world.TRAIN_IDS[:64], 4, seed=0, progress=False)
+    cfg = T.PuLIDTraining(stage=stage, id_loss=id_loss, steps=steps + 1, batch=batch, lightning_batch=lightning_batch,
+                          align_batch=align_batch, checkpoint_every=10_000)
+    timers: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            timers[name] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = T.PuLIDTrainer(cfg, bank, tmp, models_dir)
+        condition = tr.conditioner
+        originals = {"unet_fn": T.unet_fn, "lightning_branch": T.lightning_branch, "id_loss": T.losses.id_loss}
+        T.unet_fn = lambda *a, **k: timed("diffusion_forward", originals["unet_fn"](*a, **k))
+        T.lightning_branch = timed("lightning_forward", originals["lightning_branch"])
+        T.losses.id_loss = timed("id_loss_forward", originals["id_loss"])
+        tr.conditioner = timed("conditioning", condition.__call__)
+        try:
+            per_step = []
+            with tr.adapter.installed(tr.base.unet):
+                for step in range(steps + 1):
+                    timers.clear()
+                    t0 = time.perf_counter()
+                    terms = tr.step_losses(step)
+                    t1 = time.perf_counter()
+                    tr.opt.zero_grad(set_to_none=True)
+                    terms["total"].backward()
+                    t2 = time.perf_counter()
+                    tr.opt.step()
+                    t3 = time.perf_counter()
+                    per_step.append({**timers, "other_forward": t1 - t0 - sum(timers.values()), "backward": t2 - t1,
+                                     "optimiser": t3 - t2, "total": t3 - t0})
+                with FlopCounterMode(display=False) as counter:
+                    terms = tr.step_losses(steps + 1)
+                    terms["total"].backward()
+                flops = counter.get_total_flops()
+        finally:
+            T.unet_fn, T.lightning_branch, T.losses.id_loss = originals["unet_fn"], originals["lightning_branch"], originals["id_loss"]
+    keys = per_step[-1].keys()
+    median = {k: sorted(s.get(k, 0.0) for s in per_step[1:])[len(per_step[1:]) // 2] for k in keys}
+    a = torch.randn(2048, 2048)
+    matmul = _timeit(lambda: a @ a, repeat=5)
+    rate = 2 * 2048 ** 3 / matmul  # FLOP/s of this machine's sgemm
+    return {"stage": stage, "id_loss": id_loss, "seconds": {k: round(v, 4) for k, v in median.items()},
+            "fraction": {k: round(v / median["total"], 3) for k, v in median.items() if k != "total"},
+            "gflop_per_step": round(flops / 1e9, 2), "sgemm_gflops": round(rate / 1e9, 1),
+            "flop_limited_seconds": round(flops / rate, 4),
+            "flop_limited_fraction": round(flops / rate / median["total"], 3)}

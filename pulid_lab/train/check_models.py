@@ -103,7 +103,7 @@ def check_models(models_dir: Path | None = None, variants: int = 8, n_pairs: int
 
 
 def passed(report: dict) -> dict:
-    """Each requirement of the foundation issue, checked on a report."""
+    """Each threshold of THRESHOLDS, checked on a report."""
     res = {"probe_accuracy": all(v >= THRESHOLDS["probe_accuracy"] for v in report["probe_accuracy"].values())}
     for name in RECOGNIZERS:
         res[f"{name}_verification"] = report[f"{name}_verification"] >= THRESHOLDS["verification"]

@@ -21,7 +21,7 @@ from ..models import checkpoints
 from ..world import toyfaces as world
 from ..world.data import render_bank
 from .config import REPRODUCE_PROFILES, ReproduceProfile
-from .evaluate import SPLITS, Evaluator, evaluate, test_set
+from .evaluate import SPLITS, Evaluator, evaluate, reconstruction_set, test_set
 from .pulid_trainer import PuLIDTrainer, PuLIDTraining, load_adapter
 
 ORTHO_MODES = ("off", "ortho", "ortho_v2")
@@ -46,12 +46,20 @@ class Experiment:
     # mini UNet). Measured (quick budgets, 96 test rows): the sum at lambda 0.6/0.1 kept 65% of Stage 2's Face Sim,
     # the mean 87% (4 Lightning ID samples per step) and 79% (8, the main job's run)
     align_reduction: str = _TRAINING.align_reduction
+    lr: float = _TRAINING.lr  # every stage
+    face_weight: float = _TRAINING.face_weight  # every stage: the face box weighs 1 + face_weight in L_diff
+    id_dropout: float = _TRAINING.id_dropout  # every stage: unconditional ID tokens for this share of L_diff's samples
+    # steps of each stage; 0 = the profile's budget
+    stage1_steps: int = 0
+    stage2_steps: int = 0
+    stage3_steps: int = 0
     id_scale: float = 1.0  # inference
     num_zero: int = 0  # inference: zero tokens appended to the ID tokens
     ortho: str = "off"  # inference: off | ortho | ortho_v2
     eval_ids: int = 0  # held-out identities evaluated (x 8 prompts); 0 = the profile's number
     # which held-out identities: "test" (what the tables report) or "validation" (choose a recipe there)
     eval_split: str = "test"
+    reconstruction: bool = False  # also evaluate with each reference's own caption (docs/metrics.md)
 
     def __post_init__(self):
         if self.profile not in REPRODUCE_PROFILES:
@@ -60,6 +68,8 @@ class Experiment:
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.eval_split not in SPLITS:
             raise ValueError(f"eval_split must be one of {tuple(SPLITS)}, got {self.eval_split!r}")
+        if min(self.stage1_steps, self.stage2_steps, self.stage3_steps) < 0:
+            raise ValueError("stage steps must be >= 0 (0 = the profile's budget)")
         if self.ortho not in ORTHO_MODES:
             raise ValueError(f"ortho must be one of {ORTHO_MODES}, got {self.ortho!r}")
         self.stage_training(self.stage)  # PuLIDTraining validates id_loss, id_source, grad_steps
@@ -80,16 +90,23 @@ class Experiment:
         """The training config of one stage of this experiment's chain (only the knobs that stage uses)."""
         b = self.budget
         kw = dict(stage=stage, seed=self.seed, id_source=self.id_source, reference_view=self.reference_view, batch=b.batch,
-                  lightning_batch=b.lightning_batch, align_batch=b.align_batch, checkpoint_every=b.checkpoint_every)
+                  lightning_batch=b.lightning_batch, align_batch=b.align_batch, checkpoint_every=b.checkpoint_every,
+                  lr=self.lr, face_weight=self.face_weight, id_dropout=self.id_dropout)
         if stage >= 2:
             kw.update(id_loss=self.id_loss, grad_steps=self.grad_steps, lambda_id=self.lambda_id)
         if stage == 3:
             kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout, align_reduction=self.align_reduction)
-        kw["steps"] = (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
+        asked = (self.stage1_steps, self.stage2_steps, self.stage3_steps)[stage - 1]
+        kw["steps"] = asked or (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
         return PuLIDTraining(**kw)
 
     def settings(self) -> IDAttnSettings:
         return IDAttnSettings(num_zero=self.num_zero, ortho=self.ortho == "ortho", ortho_v2=self.ortho == "ortho_v2")
+
+
+# Training options added after stages had been trained: at these values they change nothing, so they stay out of
+# the key and stages trained before the option existed keep their key (and are reused).
+KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0}
 
 
 def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None) -> str:
@@ -98,7 +115,8 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None) -
     manifest = checkpoints.read_manifest(folder)
     models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
     models.update({k: v.get("sha256", "") for k, v in manifest.get("files", {}).items()})  # the base model's files
-    blob = json.dumps([plain_json(asdict(cfg)), parent, models], sort_keys=True)
+    config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
+    blob = json.dumps([config, parent, models], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -146,19 +164,27 @@ def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = Non
 
 def run_experiment(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, device=None,
                    progress: bool = True) -> dict:
-    """Train what ``exp`` needs, evaluate it, return {params, face_sim, prompt_score, purity, n, adapter, seconds}."""
+    """Train what ``exp`` needs, evaluate it, return {params, face_sim, recognized, prompt_score, purity, n, rows,
+    adapter, seconds, train_seconds}; with ``exp.reconstruction`` also the same metrics when every reference is
+    prompted with its own caption (``reconstruction``)."""
     from ..core.device import default_device
     from ..models.base import load_base
     t0 = time.time()
     device = default_device(device)
     base = load_base(models_dir, device)
     adapter_dir = train_chain(exp, stages_dir, models_dir, base, device, progress)
+    train_seconds = time.time() - t0
     adapter = load_adapter(adapter_dir, base.unet).to(device)
     adapter.use_settings(exp.settings())
-    tests = test_set(exp.eval_ids or exp.budget.eval_ids, split=exp.eval_split)
-    metrics = evaluate(base, adapter, Evaluator(models_dir, device), tests, (exp.id_scale,), progress=progress)
-    return {"params": asdict(exp), **metrics[float(exp.id_scale)], "adapter": str(adapter_dir),
-            "seconds": round(time.time() - t0, 1)}
+    n_ids = exp.eval_ids or exp.budget.eval_ids
+    evaluator = Evaluator(models_dir, device)
+    metrics = evaluate(base, adapter, evaluator, test_set(n_ids, split=exp.eval_split), (exp.id_scale,), progress=progress)
+    result = {"params": asdict(exp), **metrics[float(exp.id_scale)], "adapter": str(adapter_dir)}
+    if exp.reconstruction:
+        own = evaluate(base, adapter, evaluator, reconstruction_set(n_ids, exp.eval_split), (exp.id_scale,),
+                       progress=progress)[float(exp.id_scale)]
+        result["reconstruction"] = {k: v for k, v in own.items() if k != "rows"}
+    return {**result, "seconds": round(time.time() - t0, 1), "train_seconds": round(train_seconds, 1)}
 
 
 def write_result(path: str | Path, result: dict) -> Path:

@@ -37,7 +37,7 @@ from ..models import checkpoints
 from ..models.base import OriginalModel, initial_noise, load_base
 from ..models.identity import IDConditioner, embedding_dim_and_channels
 from ..world.data import Bank
-from .base_trainer import captions_for
+from .base_trainer import captions_for, face_weight_map
 
 NEUTRAL_PROMPT = "a portrait, photo"  # C_txt of the ID loss (the paper: "portrait, color, cinematic")
 # Prompts that reveal contamination: each names attributes a reference image may carry (docs/world.md).
@@ -69,6 +69,11 @@ class PuLIDTraining:
     lightning_batch: int = 8  # Lightning branch of the ID loss
     align_batch: int = 4  # Lightning paths of the alignment loss (stage 3; each runs with and without the ID)
     lr: float = 1e-3  # measured: 1e-4 leaves the adapter near its initialisation within the profiles' budgets
+    # extra weight of the face-box pixels in L_diff (as the original model was trained; face_weight_map); 0 = plain
+    face_weight: float = 0.0
+    # probability that a diffusion-branch sample gets the unconditional ID tokens (the encoder on zeros) instead of
+    # its reference's: trains the path classifier-free guidance uses, and asks the ID tokens to carry what L_diff needs
+    id_dropout: float = 0.0
     caption_dropout: float = 0.5  # incomplete captions: the shortcut through the ID path
     checkpoint_every: int = 50
     seed: int = 0
@@ -93,6 +98,10 @@ class PuLIDTraining:
             raise ValueError(f"reference_view must be one of {VIEWS}, got {self.reference_view!r}")
         if self.align_reduction not in losses.REDUCTIONS:
             raise ValueError(f"align_reduction must be one of {losses.REDUCTIONS}, got {self.align_reduction!r}")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.face_weight < 0:
+            raise ValueError(f"face_weight must be >= 0, got {self.face_weight}")
         if not 1 <= self.grad_steps <= 4:
             raise ValueError(f"grad_steps must be 1..4, got {self.grad_steps}")
 
@@ -149,8 +158,13 @@ class PuLIDTrainer:
         text = self.base.encode(caps)
         out: dict[str, torch.Tensor] = {}
         # runs inside fit()'s `adapter.installed`: backward re-runs the checkpointed Lightning steps
-        v_hat = unet_fn(self.base.unet, text, tokens)(x_t, t, 0)
-        out["diff"] = losses.diffusion_loss(v_hat, v)  # L_diff
+        diff_tokens = tokens
+        if cfg.id_dropout:  # the unconditional ID for some samples of the diffusion branch
+            drop = torch.from_numpy(rng.random(cfg.batch) < cfg.id_dropout).to(dev)[:, None, None]
+            diff_tokens = torch.where(drop, self.adapter.uncond_tokens(emb, feats), tokens)
+        weights = face_weight_map(torch.from_numpy(self.bank.boxes[idx]).to(dev), cfg.face_weight) if cfg.face_weight else None
+        v_hat = unet_fn(self.base.unet, text, diff_tokens)(x_t, t, 0)
+        out["diff"] = losses.diffusion_loss(v_hat, v, weights)  # L_diff
         if cfg.stage >= 2:
             ref_emb = self._reference_embedding(ref_idx)
             if cfg.id_loss == "naive":  # phi on x0_hat at the training timestep
