@@ -194,3 +194,25 @@ def _a_changed_recipe_retrains_only_what_it_changes(models, tmp_path, a):
         reproduce(tmp_path / "c", "smoke", seeds=1, models_dir=models, progress=False, eval_split="validation")
     with pytest.raises(ValueError, match="row of another recipe"):  # b's Stage 3 row is not the default recipe's
         reproduce(tmp_path / "b", "smoke", seeds=1, models_dir=models, progress=False)
+
+
+def test_face_weight_and_id_dropout_change_only_what_they_name(smoke_models, bank, tmp_path):
+    """face_weight reweighs L_diff's pixels; id_dropout hands L_diff's samples the unconditional ID tokens, and the
+    naive ID loss then compares only samples that kept their ID (none here: every ID is dropped)."""
+    plain = trainer(smoke_models, bank, tmp_path / "a", stage=2, id_loss="naive")
+    with plain.adapter.installed(plain.base.unet):
+        base_terms = plain.step_losses(0)
+    weighted = trainer(smoke_models, bank, tmp_path / "b", stage=2, id_loss="naive", face_weight=4.0)
+    with weighted.adapter.installed(weighted.base.unet):
+        w_terms = weighted.step_losses(0)
+    assert w_terms["diff"].item() != pytest.approx(base_terms["diff"].item(), rel=1e-4)
+    assert w_terms["id"].item() == pytest.approx(base_terms["id"].item(), rel=1e-5)  # same images, same ID loss
+    dropped = trainer(smoke_models, bank, tmp_path / "c", stage=2, id_loss="naive", id_dropout=0.999999)
+    with dropped.adapter.installed(dropped.base.unet):
+        d_terms = dropped.step_losses(0)
+    assert d_terms["id"].item() == 0.0
+    assert d_terms["diff"].item() != pytest.approx(base_terms["diff"].item(), rel=1e-4)
+    with pytest.raises(ValueError, match="id_dropout"):
+        PuLIDTraining(id_dropout=1.0)
+    with pytest.raises(ValueError, match="face_weight"):
+        PuLIDTraining(face_weight=-1.0)

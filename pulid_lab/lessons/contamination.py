@@ -63,7 +63,7 @@ def leak_set(n: int = 64, attributes=LEAK_ATTRIBUTES, seed: int = 0) -> LeakSet:
     labels = world.sample_attributes(rng, n, old_prob=0.0)
     refs = world.render(ids, labels, LEAK_SEED + seed * 100_003 + np.arange(n)).images
     asked = {a: (labels[a] + rng.integers(1, len(vocab.ATTRIBUTES[a]), n)) % len(vocab.ATTRIBUTES[a]) for a in attributes}
-    prompts = [vocab.caption({a: vocab.ATTRIBUTES[a][int(asked[a][i])] for a in attributes}) for i in range(n)]
+    prompts = [vocab.caption_from_labels(asked, i, attributes) for i in range(n)]
     seeds = [LEAK_SEED + seed * 100_003 + i for i in range(n)]
     return LeakSet(refs, ids, labels, asked, prompts, seeds)
 
@@ -205,7 +205,7 @@ def leak_examples(base, evaluator, lset: LeakSet, adapters: dict, n: int = 6, id
     grid = np.stack([sub.references] + [to_uint8(x) for x in images.values()], 1)
     fig = image_grid(grid, [_short(p) for p in sub.prompts], ["reference"] + list(images), scale=1.2)
     for r, ax in enumerate(fig.axes[::grid.shape[1]]):  # under each reference: its own (true) values
-        values = _short(vocab.caption({a: vocab.ATTRIBUTES[a][int(sub.reference_labels[a][r])] for a in sub.asked})).split("\n")
+        values = _short(vocab.caption_from_labels(sub.reference_labels, r, sub.asked)).split("\n")
         half = (len(values) + 1) // 2
         ax.set_xlabel(", ".join(values[:half]) + "\n" + ", ".join(values[half:]), fontsize=5, labelpad=1)
     fig.subplots_adjust(hspace=0.5)

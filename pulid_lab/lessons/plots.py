@@ -141,7 +141,7 @@ def id_insertion(base, adapters: dict, evaluator, tests, n: int = 6, out=None):
 
 
 def reproduction_figures(run: str | Path, figures: str | Path, models_dir: Path | None = None, device=None) -> list[Path]:
-    """The figures of a finished ``reproduce`` run folder: ``table2.png`` (every row, std over seeds) and
+    """The figures of a finished ``reproduce`` run folder: ``table2.png`` (every row with its 95% interval) and
     ``id_insertion.png`` (the seed-0 adapters of the four rows on the run's test set); returns their paths."""
     run, figures = Path(run), Path(figures)
     table = json.loads((run / "table2.json").read_text())

@@ -121,7 +121,7 @@ def heldout_captions(n: int, seed: int = 11) -> tuple[list[str], dict[str, np.nd
     """``n`` complete captions (every attribute named) drawn with a fixed seed; most combinations never
     appeared in training (captions there are incomplete)."""
     labels = world.sample_attributes(np.random.default_rng((world.WORLD_SEED, 5, seed)), n)
-    caps = [vocab.caption({a: vocab.ATTRIBUTES[a][int(labels[a][i])] for a in ATTRIBUTES}) for i in range(n)]
+    caps = [vocab.caption_from_labels(labels, i) for i in range(n)]
     return caps, labels
 
 

@@ -93,8 +93,7 @@ def reconstruction_set(n_ids: int = 100, split: str = "test", seeds_per_id: int 
     """The same references as ``test_set``, each prompted with its own complete caption (``seeds_per_id`` noise
     seeds): reconstruction, the easiest case — the prompt never contradicts the reference."""
     ids, labels, refs = _references(n_ids, split)
-    captions = [vocab.caption({a: vocab.ATTRIBUTES[a][int(labels[a][i])] for a in vocab.ATTRIBUTES})
-                for i in range(len(ids))]
+    captions = [vocab.caption_from_labels(labels, i) for i in range(len(ids))]
     seed0 = _SPLIT_SEED[split] + 20_000
     rows = [(i, k) for i in range(len(ids)) for k in range(seeds_per_id)]
     return TestSet(refs[[r[0] for r in rows]], ids[[r[0] for r in rows]], [captions[r[0]] for r in rows],
@@ -154,7 +153,7 @@ class Evaluator:
     @torch.no_grad()
     def face_embedding(self, images: torch.Tensor, phi=None) -> torch.Tensor:
         """phi_eval (or ``phi``) of the detector-aligned faces of ``images`` (B, 3, 32, 32)."""
-        return (phi or self.phi)(align_faces(images, self.detector(images)))
+        return (self.phi if phi is None else phi)(align_faces(images, self.detector(images)))
 
     @torch.no_grad()
     def identity_rows(self, references: np.ndarray, images: torch.Tensor) -> dict[str, np.ndarray]:

@@ -158,10 +158,10 @@ class PuLIDTrainer:
         text = self.base.encode(caps)
         out: dict[str, torch.Tensor] = {}
         # runs inside fit()'s `adapter.installed`: backward re-runs the checkpointed Lightning steps
-        diff_tokens = tokens
+        diff_tokens, kept = tokens, None
         if cfg.id_dropout:  # the unconditional ID for some samples of the diffusion branch
-            drop = torch.from_numpy(rng.random(cfg.batch) < cfg.id_dropout).to(dev)[:, None, None]
-            diff_tokens = torch.where(drop, self.adapter.uncond_tokens(emb, feats), tokens)
+            kept = torch.from_numpy(rng.random(cfg.batch) >= cfg.id_dropout).to(dev)
+            diff_tokens = torch.where(kept[:, None, None], tokens, self.adapter.uncond_tokens(emb, feats))
         weights = face_weight_map(torch.from_numpy(self.bank.boxes[idx]).to(dev), cfg.face_weight) if cfg.face_weight else None
         v_hat = unet_fn(self.base.unet, text, diff_tokens)(x_t, t, 0)
         out["diff"] = losses.diffusion_loss(v_hat, v, weights)  # L_diff
@@ -169,7 +169,10 @@ class PuLIDTrainer:
             ref_emb = self._reference_embedding(ref_idx)
             if cfg.id_loss == "naive":  # phi on x0_hat at the training timestep
                 x0_hat = naive_x0(x_t, v_hat, t, self.scheduler).clamp(-1, 1)
-                out["id"] = losses.id_loss(self.phi, ref_emb, x0_hat, self.detector)
+                if kept is not None:  # a sample without its ID has no identity to be compared with
+                    ref_emb, x0_hat = ref_emb[kept], x0_hat[kept]
+                out["id"] = (losses.id_loss(self.phi, ref_emb, x0_hat, self.detector) if len(x0_hat)
+                             else v_hat.sum() * 0)
             else:  # phi on the Lightning branch's x0 from pure noise, neutral prompt
                 n = cfg.lightning_batch
                 x_T = initial_noise(n, [int(s) for s in rng.integers(2**31, size=n)], dev)

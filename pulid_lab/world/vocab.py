@@ -69,6 +69,13 @@ def caption(attributes: Mapping[str, str | None]) -> str:
     return ", ".join(parts)
 
 
+def caption_from_labels(labels: Mapping, i: int, attributes=None) -> str:
+    """Caption of item ``i`` of label arrays ``{attribute: value indices}`` (as renders and banks keep them),
+    naming ``attributes`` (default: every attribute)."""
+    names = ATTRIBUTES if attributes is None else attributes
+    return caption({a: ATTRIBUTES[a][int(labels[a][i])] for a in names})
+
+
 def tokenize_words(text: str) -> list[str]:
     """Lower-case words with commas as their own token, e.g. ``['a', 'portrait', ',', 'sketch']``."""
     return re.findall(r"[a-z\-]+|,", text.lower())
