@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,12 +96,13 @@ def _reproduce(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     t0 = time.time()
-    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, **overrides)
-    plots.reproduction_figures(args.out, args.figures, args.models, args.device)
+    table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, train=args.train, **overrides)
+    figures = Path(args.figures) if args.figures else Path(args.out) / "figures"
+    plots.reproduction_figures(args.out, figures, args.models, args.device)
     print((Path(args.out) / "table2.md").read_text())
     print(f"{(time.time() - t0) / 60:.1f} min (this run; stages and rows already in {args.out} were reused)")
-    print(f"table: {Path(args.out) / 'table2.json'} and table2.md; figures: {Path(args.figures) / 'table2.png'}, "
-          f"{Path(args.figures) / 'id_insertion.png'}")
+    print(f"table: {Path(args.out) / 'table2.json'} and table2.md; figures: {figures / 'table2.png'}, "
+          f"{figures / 'id_insertion.png'}")
     return table
 
 
@@ -119,6 +121,25 @@ def _grid(args):
     if summary["failed"]:
         print(f"{len(summary['failed'])} config(s) failed: see {Path(args.out) / 'failures.json'}; rerun to retry them")
         sys.exit(1)
+
+
+def _curve(args):
+    from dataclasses import fields
+
+    from .train.curve import learning_curve
+    from .train.experiment import Experiment
+    try:
+        params = _settings(args.set, [f.name for f in fields(Experiment)])
+        exp = Experiment.from_params({"eval_split": "validation", "reconstruction": True, **params})
+        points = learning_curve(exp, args.milestones, Path(args.stages), args.models, Path(args.out), args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print("step  train min  recognized  Face Sim  prompt  purity | own caption: recognized  Face Sim")
+    for p in points:
+        r = p["reconstruction"]
+        print(f"{p['step']:>4}  {p['train_minutes']:>9.1f}  {100 * p['recognized']:>9.1f}%  {p['face_sim']:>8.3f}  "
+              f"{p['prompt_score']:>6.3f}  {p['purity']:>6.3f} | {100 * r['recognized']:>21.1f}%  {r['face_sim']:>8.3f}")
+    print(f"written to {args.out}")
 
 
 def _grid_report(args):
@@ -192,17 +213,31 @@ def main(argv=None):
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_evaluate)
 
-    r = sub.add_parser("reproduce", help="the paper's Table 2 in the mini world: train and evaluate four rows")
+    r = sub.add_parser("reproduce", help="the paper's Table 2 in the mini world: train (or take the shipped) and evaluate four rows")
     r.add_argument("--profile", choices=["smoke", "quick", "paper"], default=None,
                    help="budget (default: smoke when CI is set, else paper)")
     r.add_argument("--seeds", type=int, default=1)
     r.add_argument("--out", default="runs/reproduce")
-    r.add_argument("--figures", default="figures")
+    r.add_argument("--figures", default=None,
+                   help="folder for table2.png and id_insertion.png (default: OUT/figures; `--figures figures` updates "
+                        "the README's pictures)")
     r.add_argument("--set", nargs="+", metavar="NAME=VALUE",
                    help="change the recipe of every row, e.g. lambda_sem=0.3 lambda_layout=0 (recorded in table2.json)")
+    r.add_argument("--train", action="store_true",
+                   help="retrain every stage, even those that ship trained with the models for this exact recipe")
     r.add_argument("--models", default=None)
     r.add_argument("--device", default=None)
     r.set_defaults(func=_reproduce)
+
+    c = sub.add_parser("curve", help="a learning curve: one recipe's last stage evaluated at several step counts "
+                                     "(validation split, new prompts and own captions, unless --set says otherwise)")
+    c.add_argument("--set", nargs="+", metavar="NAME=VALUE", help="the experiment, e.g. stage=2 stage2_steps=600 grad_steps=1")
+    c.add_argument("--milestones", nargs="+", type=int, required=True, help="steps of the last stage at which to evaluate")
+    c.add_argument("--stages", default="runs/reproduce/stages", help="trained stages (shared with reproduce and grids)")
+    c.add_argument("--out", required=True, help="the curve's JSON (rewritten after every milestone)")
+    c.add_argument("--models", default=None)
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=_curve)
 
     g = sub.add_parser("grid", help="run an ablation grid (papermill, on a local Dask pool or a Dask cluster)")
     g.add_argument("grid", help="grid YAML (see grids/)")
@@ -227,7 +262,37 @@ def main(argv=None):
     b.set_defaults(func=_bench)
 
     args = p.parse_args(argv)
-    args.func(args)
+    _check_numbers(p, args)
+    from .core.files import RunFolderBusy
+    from .core.objective import NonFiniteLoss
+    from .models.checkpoints import CheckpointError
+    from .world.vocab import VocabularyError
+    try:
+        args.func(args)
+    except (CheckpointError, VocabularyError, NonFiniteLoss, RunFolderBusy, ValueError, OSError) as e:
+        if os.environ.get("PULID_LAB_DEBUG"):  # the traceback, for a bug report
+            raise
+        sys.exit(f"error: {e}")
+
+
+# arguments that must be positive (name -> what it is), checked before any work starts
+_POSITIVE = {"seeds": "seeds", "steps": "sampler steps", "zoom": "zoom", "workers": "worker processes",
+             "variants": "renders per identity", "pairs": "verification pairs", "generations": "generations",
+             "ids": "identities"}
+
+
+def _check_numbers(parser, args) -> None:
+    import math
+    for name, what in _POSITIVE.items():
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1 ({what}), got {value}")
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and not math.isfinite(guidance):
+        parser.error(f"--guidance must be a finite number, got {guidance}")
+    for scale in getattr(args, "id_scales", None) or []:
+        if not math.isfinite(scale):
+            parser.error(f"--id-scales must be finite numbers, got {scale}")
 
 
 if __name__ == "__main__":

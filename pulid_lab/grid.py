@@ -130,14 +130,15 @@ def _expand(path: Path, spec: dict, fixed: dict) -> dict[str, dict]:
 # -- running -----------------------------------------------------------------------------------------------
 
 def valid_result(folder: Path, params: dict) -> dict | None:
-    """The config's result.json if it is complete and was made with these parameters, else None."""
+    """The config's result.json if it is complete and the runner recorded it as made with these parameters (a
+    result without the runner's ``grid_params``, e.g. the notebook's own write before a kill, is not done)."""
     try:
         result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
     if not all(isinstance(result.get(m), (int, float)) for m in METRICS):
         return None
-    if result.get("grid_params", params) != params:
+    if result.get("grid_params") != params:
         return None
     return result
 

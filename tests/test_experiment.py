@@ -25,7 +25,7 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     def chain(exp):
         keys, parent = [], None
         for s in (1, 2, 3):
-            parent = stage_key(exp.stage_training(s), parent, models)
+            parent = stage_key(exp.stage_training(s), parent, models, exp.budget.bank_variants)
             keys.append(parent)
         return keys
     ka, kb = chain(a), chain(b)
@@ -57,12 +57,13 @@ def test_stage_key_changes_with_the_base_model(smoke_models, tmp_path):
     copy = tmp_path / "models"
     shutil.copytree(models, copy)
     cfg = Experiment(profile="smoke").stage_training(1)
-    before = stage_key(cfg, None, copy)
+    before = stage_key(cfg, None, copy, 2)
     manifest = checkpoints.read_manifest(copy)
     name = next(k for k, v in manifest["files"].items() if v.get("source") == "base")
     manifest["files"][name]["sha256"] = "0" * 64  # another base model
     checkpoints.write_manifest(copy, manifest)
-    assert stage_key(cfg, None, copy) != before
+    assert stage_key(cfg, None, copy, 2) != before
+    assert stage_key(cfg, None, models, 2) != stage_key(cfg, None, models, 8)  # another training bank
 
 
 def test_defaults_have_one_source():
@@ -86,3 +87,52 @@ def test_defaults_have_one_source():
     knobs = {f.name for f in fields(Experiment)} - {"profile"}
     assert knobs <= set(literals), f"experiment.ipynb lacks parameters {sorted(knobs - set(literals))}"
     assert {k: literals[k] for k in knobs} == {k: getattr(exp, k) for k in knobs}
+
+
+def test_shipped_stages_are_used_for_the_same_recipe_only(smoke_models, tmp_path, monkeypatch):
+    """A stage trained once and shipped beside the models is copied (sha256-checked), not retrained, by any chain
+    with the same key; ``pretrained=False`` retrains, and a changed recipe never takes it."""
+    import shutil
+
+    from pulid_lab.models import checkpoints
+    from pulid_lab.train import experiment
+    from pulid_lab.train.pulid_trainer import PuLIDTrainer
+    models, _ = smoke_models
+    copy = tmp_path / "models"
+    shutil.copytree(models, copy)
+    exp = Experiment(profile="smoke", stage=2)
+    trained = experiment.train_chain(exp, tmp_path / "trained", copy, progress=False)
+    for folder in (tmp_path / "trained").glob("stage*"):
+        dest = experiment.shipped_stages_dir(copy) / folder.name
+        dest.mkdir(parents=True)
+        for name in experiment.SHIPPED_FILES:
+            shutil.copy2(folder / name, dest / name)
+
+    def no_training(self, *a, **k):
+        raise RuntimeError("trained")
+    monkeypatch.setattr(PuLIDTrainer, "fit", no_training)
+    used = experiment.train_chain(exp, tmp_path / "user", copy, progress=False)
+    assert used.name == trained.name and not (used / "train_state.pt").exists()
+    assert checkpoints.load_state("adapter", used)[1]["sha256"] == checkpoints.load_state("adapter", trained)[1]["sha256"]
+    with pytest.raises(RuntimeError, match="trained"):
+        experiment.train_chain(exp, tmp_path / "retrain", copy, progress=False, pretrained=False)
+    with pytest.raises(RuntimeError, match="trained"):  # another Stage 2 recipe: Stage 1 is shipped, Stage 2 is not
+        experiment.train_chain(Experiment(profile="smoke", stage=2, lambda_id=0.5), tmp_path / "other", copy,
+                               progress=False)
+    assert len(list((tmp_path / "other").glob("stage1-*/adapter.safetensors"))) == 1
+    # a corrupted shipped file is refused with the checkpoint's error, not used
+    victim = next(experiment.shipped_stages_dir(copy).glob("stage1-*")) / "adapter.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted"):
+        experiment.train_chain(exp, tmp_path / "corrupt", copy, progress=False)
+
+
+def test_numbers_written_as_yaml_reads_them_are_taken_and_wrong_types_refused():
+    exp = Experiment.from_params({"profile": "smoke", "stage2_steps": "1e3", "lr": "3e-3", "lambda_sem": 1})
+    assert exp.stage2_steps == 1000 and exp.lr == 0.003 and exp.lambda_sem == 1.0
+    with pytest.raises(ValueError, match="stage2_steps must be an int, got 2.5"):
+        Experiment(stage2_steps=2.5)
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        Experiment(lr="fast")
+    with pytest.raises(ValueError, match="reconstruction must be a bool"):
+        Experiment(reconstruction="yes")

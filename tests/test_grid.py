@@ -107,3 +107,13 @@ def test_pareto_plot_encodes_up_to_two_varied_parameters(tmp_path, varied):
     table2 = {"rows": {"stage1": {m: {"mean": 0.5} for m in ("face_sim", "prompt_score", "purity")}}}
     plots.pareto(rows, table2, out=tmp_path / "p.png", title="t", varied=varied)
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_a_cell_is_done_only_when_the_runner_recorded_the_same_parameters(tmp_path):
+    from pulid_lab.grid import valid_result
+    metrics = {"face_sim": 0.5, "recognized": 0.2, "prompt_score": 0.9, "purity": 0.95}
+    (tmp_path / "result.json").write_text(json.dumps(metrics))  # the notebook's own write, killed before the runner's
+    assert valid_result(tmp_path, {"lambda_sem": 0.6}) is None
+    (tmp_path / "result.json").write_text(json.dumps({**metrics, "grid_params": {"lambda_sem": 0.6}}))
+    assert valid_result(tmp_path, {"lambda_sem": 0.6})["face_sim"] == 0.5
+    assert valid_result(tmp_path, {"lambda_sem": 0.3}) is None  # another --set: rerun, never relabel

@@ -5,7 +5,12 @@ import torch
 from pulid_lab.core.id_encoder import IDEncoderConfig
 from pulid_lab.core.objective import NonFiniteLoss
 from pulid_lab.models.base import load_base
-from pulid_lab.train.pulid_trainer import PuLIDTrainer, PuLIDTraining, load_adapter, reference_indices
+from pulid_lab.train.pulid_trainer import (
+    PuLIDTrainer,
+    PuLIDTraining,
+    load_adapter,
+    reference_indices,
+)
 from pulid_lab.world import toyfaces as world
 from pulid_lab.world.data import render_bank
 
@@ -65,9 +70,35 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
             out["total"] = out["total"] * float("nan")
         return out
     tr.step_losses = poisoned
-    with pytest.raises(NonFiniteLoss, match="step 2.*last good checkpoint"):
+    with pytest.raises(NonFiniteLoss, match=r"step 2 .*finite weights, step 2\) is .*train_state.pt.*--set lr=0.0005"):
         tr.fit(progress=False)
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 2
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss whose step would poison the weights."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_nan_gradient_stops_before_the_weights_change(smoke_models, bank, tmp_path):
+    tr = trainer(smoke_models, bank, tmp_path, steps=5)
+    real = tr.step_losses
+
+    def poisoned(step):
+        out = real(step)
+        if step == 1:
+            out["total"] = _NaNGradient.apply(out["total"])
+        return out
+    tr.step_losses = poisoned
+    with pytest.raises(NonFiniteLoss, match=r"gradient norm became nan at step 1 .*finite weights, step 1\)"):
+        tr.fit(progress=False)
+    assert all(torch.isfinite(v).all() for v in tr.adapter.state_dict().values())
 
 
 def test_reference_indices_pick_another_render_of_the_same_identity(bank):

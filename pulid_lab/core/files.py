@@ -1,10 +1,12 @@
 """Atomic file writes (tmp file + rename): a killed process never leaves a half-written JSON or CSV."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 
 def plain_json(d):
@@ -16,26 +18,65 @@ def plain_json(d):
     return d
 
 
-def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
-    """Write JSON atomically (tmp file + rename): a killed process never leaves a half-written file."""
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` then rename tmp -> path: a killed process never leaves a half-written file. A failed write (a
+    full disk) removes its tmp file and says so in one sentence; what was finished before stays on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}): free disk space (or fix permissions) and "
+                               "rerun the same command; finished work is kept") from None
     return path
+
+
+def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
+    """Write JSON atomically (tmp file + rename)."""
+    text = json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_csv(path: str | Path, rows: list[dict], keys: list[str]) -> Path:
     """Write rows as CSV atomically (tmp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(rows)
+    return atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path):
+    """Hold ``folder/.lock`` for the duration (one writer per run folder); a second writer gets ``RunFolderBusy``
+    naming the holder's pid at once, instead of racing it."""
+    import fcntl
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunFolderBusy(f"{folder} is being written by another process (pid {holder}); wait for it to finish, "
+                            "or give this run another --out") from None
+    try:
+        f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def write_log(path: Path, log: list[dict]) -> None:

@@ -150,7 +150,7 @@ def reproduction_figures(run: str | Path, figures: str | Path, models_dir: Path 
     adapters = {}
     for row in ROWS:
         result = json.loads((run / "seed0" / row / "result.json").read_text())
-        adapters[row] = load_adapter(Path(result["adapter"]), base.unet).to(base.device)
+        adapters[row] = load_adapter(run / result["adapter"], base.unet).to(base.device)  # relative to the run
     tests = test_set(table["test_set"]["identities"])
     id_insertion(base, adapters, Evaluator(models_dir, base.device), tests, out=figures / "id_insertion.png")
     return [figures / "table2.png", figures / "id_insertion.png"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.files import write_json
+from ..core.files import atomic_write, write_json
 from . import nets
 
 
@@ -57,7 +57,10 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():
         return {"models": {}}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); " + rebuild_hint(folder, manifest={})) from None
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -70,12 +73,10 @@ def save_model(folder: Path, name: str, kind: str, config: dict, model: torch.nn
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{name}.safetensors"
-    tmp = folder / f".{name}.safetensors.tmp"
     # floating tensors are stored as fp16 (half the size in the repository); loading casts back to fp32
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, file)
+    atomic_write(file, lambda tmp: save_file(state, str(tmp)))
     manifest = read_manifest(folder)
     manifest.update(profile=profile, git_commit=git_commit(),
                     command=command or " ".join(["pulid-lab"] + sys.argv[1:]),
@@ -112,8 +113,17 @@ def verified_file(name: str, folder: Path | None = None) -> Path:
     return path
 
 
-def rebuild_hint(folder: Path, profile: str | None = None) -> str:
-    profile = profile or read_manifest(folder).get("profile", "paper")
+def rebuild_hint(folder: Path, profile: str | None = None, manifest: dict | None = None) -> str:
+    """The command that rebuilds what ``folder`` holds: the shipped models, a trained adapter stage, or pretrained
+    models of a profile."""
+    folder = Path(folder)
+    if folder.resolve() == Path(SHIPPED_DIR).resolve():
+        return f"restore the shipped files with: git checkout -- {folder} (or rebuild them: make pretrain)"
+    manifest = read_manifest(folder) if manifest is None else manifest
+    if "adapter" in manifest.get("models", {}) or (folder / "adapter.safetensors").exists():
+        return (f"delete {folder} and rerun the command that trained it (pulid-lab reproduce, grid or curve retrain a "
+                "missing stage)")
+    profile = profile or manifest.get("profile", "paper")
     return f"rebuild it with: pulid-lab pretrain --profile {profile} --out {folder}"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -62,6 +63,7 @@ class Experiment:
     reconstruction: bool = False  # also evaluate with each reference's own caption (docs/metrics.md)
 
     def __post_init__(self):
+        self._check_types()
         if self.profile not in REPRODUCE_PROFILES:
             raise ValueError(f"profile must be one of {tuple(REPRODUCE_PROFILES)}, got {self.profile!r}")
         if self.stage not in (1, 2, 3):
@@ -73,6 +75,27 @@ class Experiment:
         if self.ortho not in ORTHO_MODES:
             raise ValueError(f"ortho must be one of {ORTHO_MODES}, got {self.ortho!r}")
         self.stage_training(self.stage)  # PuLIDTraining validates id_loss, id_source, grad_steps
+
+    def _check_types(self):
+        """Every knob of its declared type, before any work: YAML reads ``1e3`` as a string and ``5`` as an int, so
+        numbers written either way are taken; anything else is a ValueError naming the knob."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind in ("int", "float") and isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
+            if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+            elif kind == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            expected = {"int": int, "float": float, "str": str, "bool": bool}.get(kind)
+            if expected and (not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))):
+                raise ValueError(f"{f.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+            if kind == "float" and value != value:
+                raise ValueError(f"{f.name} must be a number, got nan")
+            setattr(self, f.name, value)
 
     @classmethod
     def from_params(cls, params: dict) -> "Experiment":
@@ -109,14 +132,15 @@ class Experiment:
 KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0}
 
 
-def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None) -> str:
-    """A short hash of everything that shapes a trained stage: its config, its parent, the models it uses."""
+def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, bank_variants: int) -> str:
+    """A short hash of everything that shapes a trained stage: its config, its parent, the models it uses, the
+    training bank (renders per identity)."""
     folder = Path(models_dir) if models_dir else checkpoints.default_models_dir()
     manifest = checkpoints.read_manifest(folder)
     models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
     models.update({k: v.get("sha256", "") for k, v in manifest.get("files", {}).items()})  # the base model's files
     config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
-    blob = json.dumps([config, parent, models], sort_keys=True)
+    blob = json.dumps([config, parent, models, {"bank_variants": bank_variants}], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -137,14 +161,50 @@ def stage_dirs(exp: Experiment, stages_dir: Path, models_dir: Path | None = None
     """The folder of each stage of ``exp``'s chain, trained or not: ``stages_dir/stage<k>-<key>``."""
     dirs, parent_key = [], None
     for stage in range(1, exp.stage + 1):
-        parent_key = stage_key(exp.stage_training(stage), parent_key, models_dir)
+        parent_key = stage_key(exp.stage_training(stage), parent_key, models_dir, exp.budget.bank_variants)
         dirs.append(Path(stages_dir) / f"stage{stage}-{parent_key}")
     return dirs
 
 
+def shipped_stages_dir(models_dir: Path | None = None) -> Path:
+    """Where trained stages ship beside the models they were trained on (``<models>/stages/stage<k>-<key>``)."""
+    return (Path(models_dir) if models_dir else checkpoints.default_models_dir()) / "stages"
+
+
+SHIPPED_FILES = ("adapter.safetensors", "manifest.json", "losses.csv")  # what a shipped stage holds (no optimiser)
+
+
+def _take_shipped(folder: Path, models_dir: Path | None) -> bool:
+    """Copy the shipped stage with ``folder``'s key (same recipe, parent, models and bank) into ``folder``."""
+    shipped = shipped_stages_dir(models_dir) / folder.name
+    if not (shipped / "adapter.safetensors").exists():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        if (shipped / name).exists():
+            shutil.copy2(shipped / name, folder / name)
+    checkpoints.load_state("adapter", folder)  # checks the sha256 recorded in its manifest
+    return True
+
+
+def _drop_if_corrupted(folder: Path) -> None:
+    """A trained stage whose adapter fails its sha256 (or whose manifest is unreadable) is set aside and rebuilt:
+    from its final checkpoint in seconds when that survives, else by training it again."""
+    if not (folder / "adapter.safetensors").exists():
+        return
+    try:
+        checkpoints.load_state("adapter", folder)
+    except checkpoints.CheckpointError as e:
+        import warnings
+        warnings.warn(f"{e} -- rebuilding {folder.name}", stacklevel=3)
+        for name in ("adapter.safetensors", "manifest.json"):
+            (folder / name).replace(folder / f"{name}.corrupt")
+
+
 def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = None, base=None, device=None,
-                progress: bool = True) -> Path:
-    """Train (or reuse) stages 1..exp.stage; returns the folder of the last stage's adapter."""
+                progress: bool = True, pretrained: bool = True) -> Path:
+    """Train (or reuse) stages 1..exp.stage; returns the folder of the last stage's adapter. With ``pretrained``, a
+    stage that ships with the models under the same key (``shipped_stages_dir``) is copied instead of trained."""
     from ..models.base import load_base
     stages_dir = Path(stages_dir)
     base = base or load_base(models_dir, device)
@@ -153,7 +213,8 @@ def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = Non
     for stage, folder in enumerate(stage_dirs(exp, stages_dir, models_dir), start=1):
         cfg = exp.stage_training(stage)
         with _exclusive(stages_dir / f".{folder.name}.lock"):
-            if not (folder / "adapter.safetensors").exists():
+            _drop_if_corrupted(folder)
+            if not (folder / "adapter.safetensors").exists() and not (pretrained and _take_shipped(folder, models_dir)):
                 if bank is None:
                     bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
                 trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=parent_dir, device=device)

@@ -14,7 +14,6 @@ Batches are a pure function of (seed, step); the adapter, optimiser and log are 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..core.adapter import VIEWS, PuLIDAdapter
 from ..core.attention import IDAttnSettings
 from ..core.branches import lightning_branch, unet_fn
 from ..core.device import autocast, default_device
-from ..core.files import plain_json, write_log
+from ..core.files import atomic_write, plain_json, write_log
 from ..core.id_encoder import IDEncoderConfig
 from ..core.imaging import align_faces, to_tensor
 from ..core.objective import NonFiniteLoss, pulid_objective
@@ -226,23 +225,30 @@ class PuLIDTrainer:
                 terms = self.step_losses(step)
             total = terms["total"]
             if not torch.isfinite(total):
-                raise NonFiniteLoss(f"stage {cfg.stage}: loss became {total.item()} at step {step} "
-                                    f"({ {k: float(v.detach()) for k, v in terms.items()} }); the last good checkpoint "
-                                    f"is kept at {state_path}. Lower the learning rate (now {cfg.lr}) and --resume.")
+                raise self._non_finite(f"the loss became {total.item()}", step, terms, state_path)
             self.opt.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), 1.0)
+            if not torch.isfinite(grad_norm):  # stop before the step: the weights on disk and in memory stay finite
+                raise self._non_finite(f"the gradient norm became {grad_norm.item()}", step, terms, state_path)
             self.opt.step()
             log.append({"step": step, **{k: round(float(v.detach()), 6) for k, v in terms.items()}})
             bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in terms.items()})
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 self._checkpoint(state_path, step + 1, log)
 
+    def _non_finite(self, what: str, step: int, terms: dict, state_path: Path) -> NonFiniteLoss:
+        cfg = self.cfg
+        kept = (f"the last checkpoint (finite weights, step {torch.load(state_path, weights_only=False)['step']}) is "
+                f"{state_path}" if state_path.exists() else "no checkpoint was written yet")
+        parts = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+        return NonFiniteLoss(f"stage {cfg.stage}: {what} at step {step} ({parts}); {kept}. Lower the learning rate "
+                             f"(now {cfg.lr:g}): rerun the same command with --set lr={cfg.lr / 2:g} (the stages before "
+                             f"this one are reused).")
+
     def _checkpoint(self, path: Path, step: int, log: list):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"adapter": self.adapter.state_dict(), "opt": self.opt.state_dict(), "step": step, "log": log}, tmp)
-        os.replace(tmp, path)
+        state = {"adapter": self.adapter.state_dict(), "opt": self.opt.state_dict(), "step": step, "log": log}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         write_log(path.parent / "losses.csv", log)
 
 

@@ -10,11 +10,12 @@ Every finished row is saved at once; an interrupted run resumes where it stopped
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from ..core.files import write_json
+from ..core.files import run_lock, write_json
 from ..core.metrics import bootstrap_interval
 from ..models.base import load_base
 from .config import REPRODUCE_PROFILES
@@ -31,7 +32,8 @@ PAPER = {  # the paper's Table 2 (docs/method.md): Face Sim / CLIP-T / CLIP-I on
 }
 # the Experiment knobs a reproduction may change for every row (the rows themselves fix stage and id_loss; the
 # profile fixes budgets and the test set)
-OVERRIDABLE = ("id_source", "reference_view", "grad_steps", "lambda_id", "lambda_sem", "lambda_layout", "align_reduction")
+OVERRIDABLE = ("id_source", "reference_view", "grad_steps", "lambda_id", "lambda_sem", "lambda_layout", "align_reduction",
+               "lr", "face_weight", "id_dropout")
 
 
 def row_experiment(row: str, profile: str, seed: int, **overrides) -> Experiment:
@@ -69,10 +71,13 @@ def _read_result(path: Path) -> dict | None:
 
 
 def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Path | None = None, device=None,
-              progress: bool = True, **overrides) -> dict:
+              progress: bool = True, train: bool = False, **overrides) -> dict:
     """Train and evaluate the four rows for ``seeds`` seeds, plus the no-ID and oracle rows; write table2.json /
     table2.md with 95% intervals and the five claims decided on them (the figures of a run:
     ``lessons.plots.reproduction_figures``).
+
+    A stage that ships with the models under the same recipe key (``experiment.shipped_stages_dir``) is used as
+    it is unless ``train``, which retrains every stage the run needs.
 
     Trained stages live in ``out/stages`` (shared by the rows, and by the notebooks, which default to
     ``runs/reproduce/stages``); each row's metrics, per test row, in ``out/seed<k>/<row>/result.json``.
@@ -80,7 +85,12 @@ def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Pat
     check_overrides(profile, overrides)
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
-    out = Path(out)
+    with run_lock(out):  # one writer per run folder
+        return _reproduce(Path(out), profile, seeds, models_dir, device, progress, train, overrides)
+
+
+def _reproduce(out: Path, profile: str, seeds: int, models_dir, device, progress: bool, train: bool,
+               overrides: dict) -> dict:
     base = load_base(models_dir, device)
     tests = test_set(REPRODUCE_PROFILES[profile].eval_ids)
     evaluator = Evaluator(models_dir, base.device)
@@ -91,10 +101,11 @@ def reproduce(out: Path, profile: str = "quick", seeds: int = 1, models_dir: Pat
             exp = row_experiment(row, profile, seed, **overrides)
             result = _read_result(path)
             if result is None:
-                adapter_dir = train_chain(exp, out / "stages", models_dir, base, base.device, progress)
+                adapter_dir = train_chain(exp, out / "stages", models_dir, base, base.device, progress, pretrained=not train)
                 adapter = load_adapter(adapter_dir, base.unet).to(base.device)
                 metrics = evaluate(base, adapter, evaluator, tests, id_scales=(1.0,), progress=progress)
-                write_json(path, {"row": row, "seed": seed, "adapter": str(adapter_dir), **metrics[1.0]})
+                # the adapter's path relative to the run folder: a moved or copied run folder stays whole
+                write_json(path, {"row": row, "seed": seed, "adapter": os.path.relpath(adapter_dir, out), **metrics[1.0]})
                 result = json.loads(path.read_text())
             _check_same_recipe(path, result, stage_dirs(exp, out / "stages", models_dir)[-1])  # a reused row too
             results[row].append(result)
