@@ -32,6 +32,10 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     assert ka[:2] == kb[:2] and ka[2] != kb[2]  # lambda_sem shapes Stage 3 only
     kc = chain(Experiment(profile="smoke", id_loss="naive"))
     assert kc[0] == ka[0] and kc[1] != ka[1] and kc[2] != ka[2]  # the ID loss shapes Stage 2 and what follows
+    naive_k4 = chain(Experiment(profile="smoke", id_loss="naive", grad_steps=4))
+    assert naive_k4[:2] == kc[:2]  # k (Lightning steps backpropagated) shapes neither Stage 1 nor the naive row ...
+    k4 = chain(Experiment(profile="smoke", grad_steps=4))
+    assert k4[0] == ka[0] and k4[1] != ka[1]  # ... but the Lightning Stage 2
     kd = chain(Experiment(profile="smoke", id_source="other"))
     assert len(set(kd) & set(ka)) == 0  # the ID source shapes every stage
     assert chain(Experiment(profile="smoke", id_scale=0.5, ortho="ortho_v2")) == kb  # inference knobs train nothing

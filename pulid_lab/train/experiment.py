@@ -140,6 +140,8 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, b
     models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
     models.update({k: v.get("sha256", "") for k, v in manifest.get("files", {}).items()})  # the base model's files
     config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
+    if cfg.stage == 1 or (cfg.stage == 2 and cfg.id_loss == "naive"):  # k shapes only the Lightning branch, which
+        config.pop("grad_steps")  # Stage 1 and the naive row never run
     blob = json.dumps([config, parent, models, {"bank_variants": bank_variants}], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
