@@ -45,11 +45,8 @@ def _sample(args):
     from .core.device import default_device
     from .core.imaging import to_uint8
     from .models.base import load_base
-    from .world.vocab import VocabularyError, check_words
-    try:
-        check_words(args.caption)
-    except VocabularyError as e:
-        sys.exit(f"error: {e}")
+    from .world.vocab import check_words
+    check_words(args.caption)  # a VocabularyError is main's one-line error
     model = load_base(args.models, default_device(args.device))
     solver = "lightning" if args.steps == 4 and args.solver == "auto" else ("dpm++" if args.solver == "auto" else args.solver)
     img = model.generate([args.caption], seed=args.seed, steps=args.steps, solver=solver, guidance=args.guidance)
@@ -90,11 +87,8 @@ def _reproduce(args):
     from .train.config import resolve_profile
     from .train.reproduce import OVERRIDABLE, check_overrides, reproduce
     profile = resolve_profile(args.profile)
-    try:
-        overrides = _settings(args.set, OVERRIDABLE)
-        check_overrides(profile, overrides)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    overrides = _settings(args.set, OVERRIDABLE)
+    check_overrides(profile, overrides)  # before any training
     t0 = time.time()
     table = reproduce(Path(args.out), profile, args.seeds, args.models, args.device, train=args.train, **overrides)
     figures = Path(args.figures) if args.figures else Path(args.out) / "figures"
@@ -108,13 +102,10 @@ def _reproduce(args):
 
 def _grid(args):
     from .grid import load_grid, run_grid
-    try:
-        grid = load_grid(args.grid, smoke=args.smoke)
-        settings = _settings(args.set, grid.notebook_parameters)
-        for params in grid.configs.values():
-            params.update(settings)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    grid = load_grid(args.grid, smoke=args.smoke)
+    settings = _settings(args.set, grid.notebook_parameters)
+    for params in grid.configs.values():
+        params.update(settings)
     print(f"{len(grid.configs)} configs of {grid.notebook.name} -> {args.out}/runs/")
     summary = run_grid(grid, Path(args.out), workers=args.workers, scheduler=args.scheduler)
     print(json.dumps(summary, indent=2))
@@ -128,12 +119,9 @@ def _curve(args):
 
     from .train.curve import learning_curve
     from .train.experiment import Experiment
-    try:
-        params = _settings(args.set, [f.name for f in fields(Experiment)])
-        exp = Experiment.from_params({"eval_split": "validation", "reconstruction": True, **params})
-        points = learning_curve(exp, args.milestones, Path(args.stages), args.models, Path(args.out), args.device)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    params = _settings(args.set, [f.name for f in fields(Experiment)])
+    exp = Experiment.from_params({"eval_split": "validation", "reconstruction": True, **params})
+    points = learning_curve(exp, args.milestones, Path(args.stages), args.models, Path(args.out), args.device)
     print("step  train min  recognized  Face Sim  prompt  purity | own caption: recognized  Face Sim")
     for p in points:
         r = p["reconstruction"]
@@ -143,11 +131,8 @@ def _curve(args):
 
 
 def _grid_report(args):
-    from .grid import GridError, report
-    try:
-        rep = report(Path(args.out), args.figure, args.table2)
-    except (GridError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from .grid import report
+    rep = report(Path(args.out), args.figure, args.table2)  # GridError, FileNotFoundError: main's one-line error
     print(rep["markdown"])
     print(f"figure: {rep['figure']}; table: {rep['table']}")
 
@@ -267,7 +252,7 @@ def main(argv=None):
     from .core.objective import NonFiniteLoss
     from .models.checkpoints import CheckpointError
     from .world.vocab import VocabularyError
-    try:
+    try:  # every command's expected failures end as one line (GridError is a ValueError)
         args.func(args)
     except (CheckpointError, VocabularyError, NonFiniteLoss, RunFolderBusy, ValueError, OSError) as e:
         if os.environ.get("PULID_LAB_DEBUG"):  # the traceback, for a bug report

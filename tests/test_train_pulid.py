@@ -60,16 +60,21 @@ def test_resume_after_interruption_gives_the_same_weights(smoke_models, bank, tm
         assert torch.allclose(v, again.adapter.state_dict()[k], atol=1e-6), k
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(smoke_models, bank, tmp_path):
-    tr = trainer(smoke_models, bank, tmp_path, steps=5)
+def _poison_total(tr, at_step: int, poison) -> None:
+    """Make the trainer's total loss ``poison(total)`` at one step."""
     real = tr.step_losses
 
     def poisoned(step):
         out = real(step)
-        if step == 2:
-            out["total"] = out["total"] * float("nan")
+        if step == at_step:
+            out["total"] = poison(out["total"])
         return out
     tr.step_losses = poisoned
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(smoke_models, bank, tmp_path):
+    tr = trainer(smoke_models, bank, tmp_path, steps=5)
+    _poison_total(tr, 2, lambda total: total * float("nan"))
     with pytest.raises(NonFiniteLoss, match=r"step 2 .*finite weights, step 2\) is .*train_state.pt.*--set lr=0.0005"):
         tr.fit(progress=False)
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 2
@@ -88,14 +93,7 @@ class _NaNGradient(torch.autograd.Function):
 
 def test_a_nan_gradient_stops_before_the_weights_change(smoke_models, bank, tmp_path):
     tr = trainer(smoke_models, bank, tmp_path, steps=5)
-    real = tr.step_losses
-
-    def poisoned(step):
-        out = real(step)
-        if step == 1:
-            out["total"] = _NaNGradient.apply(out["total"])
-        return out
-    tr.step_losses = poisoned
+    _poison_total(tr, 1, _NaNGradient.apply)
     with pytest.raises(NonFiniteLoss, match=r"gradient norm became nan at step 1 .*finite weights, step 1\)"):
         tr.fit(progress=False)
     assert all(torch.isfinite(v).all() for v in tr.adapter.state_dict().values())

@@ -55,28 +55,30 @@ def write_csv(path: str | Path, rows: list[dict], keys: list[str]) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | Path):
-    """Hold ``folder/.lock`` for the duration (one writer per run folder); a second writer gets ``RunFolderBusy``
-    naming the holder's pid at once, instead of racing it."""
+def file_lock(path: str | Path, wait: bool = True):
+    """Hold an exclusive lock on ``path`` (holding our pid) for the duration; released even on kill -9. With
+    ``wait=False`` a held lock raises ``RunFolderBusy`` naming the holder's pid instead of waiting."""
     import fcntl
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise RunFolderBusy(f"{folder} is being written by another process (pid {holder}); wait for it to finish, "
-                            "or give this run another --out") from None
-    try:
-        f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunFolderBusy(f"{path.parent} is being written by another process (pid {holder}); wait for it to "
+                                "finish, or give this run another --out") from None
+        try:
+            f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_lock(folder: str | Path):
+    """One writer per run folder (``folder/.lock``): a second writer gets ``RunFolderBusy`` at once, not a race."""
+    return file_lock(Path(folder) / ".lock", wait=False)
 
 
 def write_log(path: Path, log: list[dict]) -> None:

@@ -8,6 +8,7 @@ so a reproduction or a grid with the same recipe reuses it.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ def learning_curve(exp: Experiment, milestones: list[int], stages_dir: Path, mod
     dirs = stage_dirs(exp, stages_dir, models_dir)
     parent = None
     if exp.stage > 1:
-        parent = train_chain(_ending_at(exp, exp.stage - 1), stages_dir, models_dir, base, base.device, progress)
+        parent = train_chain(replace(exp, stage=exp.stage - 1), stages_dir, models_dir, base, base.device, progress)
     bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
     trainer = PuLIDTrainer(exp.stage_training(exp.stage), bank, dirs[-1], models_dir, base=base, init_adapter=parent,
                            device=base.device)
@@ -55,7 +56,3 @@ def learning_curve(exp: Experiment, milestones: list[int], stages_dir: Path, mod
             write_json(out, {"experiment": exp.__dict__, "adapter": str(dirs[-1]), "points": points})
     return points
 
-
-def _ending_at(exp: Experiment, stage: int) -> Experiment:
-    from dataclasses import replace
-    return replace(exp, stage=stage)

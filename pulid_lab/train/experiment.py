@@ -8,7 +8,6 @@ one Stage 2, and a rerun after an interruption resumes the stage it was in.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..core.attention import IDAttnSettings
-from ..core.files import plain_json, write_json
+from ..core.files import file_lock, plain_json, write_json
 from ..models import checkpoints
 from ..world import toyfaces as world
 from ..world.data import render_bank
@@ -146,19 +145,6 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, b
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """One process at a time trains a given stage; the others wait, then reuse its result."""
-    import fcntl
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def stage_dirs(exp: Experiment, stages_dir: Path, models_dir: Path | None = None) -> list[Path]:
     """The folder of each stage of ``exp``'s chain, trained or not: ``stages_dir/stage<k>-<key>``."""
     dirs, parent_key = [], None
@@ -214,7 +200,7 @@ def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = Non
     parent_dir = None
     for stage, folder in enumerate(stage_dirs(exp, stages_dir, models_dir), start=1):
         cfg = exp.stage_training(stage)
-        with _exclusive(stages_dir / f".{folder.name}.lock"):
+        with file_lock(stages_dir / f".{folder.name}.lock"):  # one trainer per stage; the others wait, then reuse it
             _drop_if_corrupted(folder)
             if not (folder / "adapter.safetensors").exists() and not (pretrained and _take_shipped(folder, models_dir)):
                 if bank is None:
