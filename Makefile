@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lab pretrain check-models clean
+.PHONY: setup demo test test-compat lab pretrain check-models clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
 	CI=$${CI:-true} $(BIN)/python -m pytest -q --durations=10 --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
+
+# our attention processors inside diffusers UNets of every attention block type (also part of `make test`)
+test-compat: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_diffusers_compat.py
 
 # the lessons in JupyterLab, with the project's environment
 lab: $(STAMP)

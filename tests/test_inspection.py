@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab.core.attention import IDAttnProcessor
+from pulid_lab.core.attention import IDLayer, KeptLayer
 from pulid_lab.core.metrics import roc_auc, roc_curve
 from pulid_lab.lessons import inspection
 
@@ -73,7 +73,7 @@ def test_caption_heat_maps_one_map_per_word_per_resolution(smoke_models):
         np.testing.assert_allclose(tm.total[side], 1.0, atol=1e-4)  # softmax over the text tokens
     assert tm.image.shape == (32, 32, 3) and tm.image.dtype == np.uint8
     assert {k: type(v) for k, v in base.unet.attn_processors.items()} == before  # hooks removed
-    assert not any(isinstance(v, IDAttnProcessor) for v in base.unet.attn_processors.values())
+    assert not any(isinstance(v, (IDLayer, KeptLayer)) for v in base.unet.attn_processors.values())
     inspection.plot_heat_maps([tm, tm])
 
 

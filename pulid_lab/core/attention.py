@@ -5,8 +5,13 @@ Every attention layer of the UNet gets one of our processors while ``install`` i
 - ``attn2`` (text cross-attention): ``IDAttnProcessor`` computes
   ``out = Attn(Q, K_txt, V_txt) + id_scale * Attn(Q, K_id, V_id)`` with its own ``id_to_k`` / ``id_to_v``
   (no bias), plus the official inference options ``num_zero``, ``ortho`` and ``ortho_v2``;
-- every other attention layer: ``PlainAttnProcessor`` (the same attention as diffusers' AttnProcessor2_0,
-  which just accepts the ID keyword arguments, so diffusers does not warn about them).
+- every other attention layer keeps its own processor (plain, sliced, fused, added key/value, a custom one), behind
+  a shim that drops the ID keyword arguments (``KeptLayer``): the UNet computes what it computed before.
+
+What ``install`` puts on a layer is a plain callable, not an ``nn.Module``: the UNet's module tree, ``state_dict``
+and ``save_pretrained`` stay those of the plain UNet while the ID is in, and the ID weights live in the adapter only.
+Inside ``install``, the UNet methods that would silently swap our processors out (attention slicing, fused QKV,
+the default processors, xformers) stop with a message instead (``GUARDED``).
 
 The ID tokens, the scale and an optional ``Capture`` travel in ``cross_attention_kwargs`` — functional, so
 gradient checkpointing recomputes exactly what ran. One processor both injects and captures: no attention is
@@ -117,22 +122,6 @@ def _prepare(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
     return residual, input_ndim, shape, attention_mask, query, key, value
 
 
-class PlainAttnProcessor(nn.Module):
-    """diffusers' scaled-dot-product attention; accepts (and ignores) the ID keyword arguments."""
-
-    def __init__(self, name: str = ""):
-        super().__init__()
-        self.name = name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 id_tokens=None, id_scale=1.0, capture=None, step=0, **kwargs):
-        residual, ndim, shape, mask, query, key, value = _prepare(attn, hidden_states, encoder_hidden_states,
-                                                                  attention_mask, temb)
-        out = F.scaled_dot_product_attention(_heads(query, attn.heads), _heads(key, attn.heads),
-                                             _heads(value, attn.heads), attn_mask=mask)
-        return _project_out(attn, _merge(out).to(query.dtype), residual, ndim, shape)
-
-
 class IDAttnProcessor(nn.Module):
     """Text cross-attention plus ID cross-attention, with capture of Q, K (and probabilities) for the hooks."""
 
@@ -194,11 +183,27 @@ def _layer_sizes(unet) -> dict[str, int]:
     return sizes
 
 
+def added_kv_layers(unet) -> list[str]:
+    """Attention layers that read the text through added key/value projections (diffusers' ``SimpleCrossAttn*``
+    blocks, UnCLIP / Kandinsky-style UNets): the text joins the image tokens' own keys there, not an attn2 layer."""
+    return [n for n, m in unet.named_modules() if getattr(m, "added_kv_proj_dim", None) is not None]
+
+
 class IDProcessors(nn.Module):
-    """The trainable ID projections of every attn2 layer: one ``IDAttnProcessor`` each (a ModuleDict)."""
+    """The trainable ID projections of every attn2 layer: one ``IDAttnProcessor`` each (a ModuleDict).
+
+    UNets whose text enters through added key/value projections are refused: PuLID's ID attention is a second
+    cross-attention beside attn2's text attention, and in those layers there is no attn2 for it to join."""
 
     def __init__(self, unet, id_dim: int, settings: IDAttnSettings | None = None):
         super().__init__()
+        added = added_kv_layers(unet)
+        if added:
+            raise ValueError(
+                f"this UNet reads the text through added key/value projections in {len(added)} layer(s) (first: "
+                f"{added[0]}; diffusers' SimpleCrossAttn blocks): PuLID's ID attention joins the text cross-attention of "
+                f"attn2 layers, which these blocks do not have. Use a UNet of CrossAttn blocks (SD 1.5 / SDXL-shaped); "
+                f"hooks alone (install(unet) without ID processors) do work on it.")
         self.settings = settings or IDAttnSettings()
         sizes = _layer_sizes(unet)
         self.layer_names = cross_attention_layers(unet)
@@ -207,6 +212,56 @@ class IDProcessors(nn.Module):
 
     def processor(self, layer: str) -> IDAttnProcessor:
         return self.procs[_key(layer)]
+
+
+class IDLayer:
+    """What ``install`` puts on an attn2 layer: calls our ``IDAttnProcessor`` (a plain callable, so the UNet does
+    not register the ID weights as its own). The signature names the ID arguments: diffusers passes a processor only
+    the ``cross_attention_kwargs`` its ``__call__`` declares."""
+
+    def __init__(self, processor: IDAttnProcessor):
+        self.processor = processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 id_tokens=None, id_scale=1.0, capture=None, step=0):
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                              id_tokens=id_tokens, id_scale=id_scale, capture=capture, step=step)
+
+
+class KeptLayer:
+    """What ``install`` puts on every other layer: the layer's own processor, called without the ID arguments."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 id_tokens=None, id_scale=1.0, capture=None, step=0):
+        extra = {} if temb is None else {"temb": temb}  # not every processor takes temb
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **extra)
+
+
+# UNet methods that replace every layer's processor: inside ``install`` they would drop the ID without a word
+GUARDED = {
+    "set_attention_slice": "attention slicing replaces the ID processors: call it before entering the block (the "
+                           "layers without ID keep their slicing; the ID layers use PyTorch's memory-efficient "
+                           "scaled_dot_product_attention)",
+    "fuse_qkv_projections": "fusing the QKV projections replaces the ID processors: call it before entering the block "
+                            "(the layers without ID keep the fused projections)",
+    "unfuse_qkv_projections": "unfusing restores the processors saved at fusing time, which drops the ID processors: "
+                              "call it after leaving the block",
+    "set_default_attn_processor": "the default processors would drop the ID: leave the block first (it restores "
+                                  "the UNet's own processors), then call it",
+    "enable_xformers_memory_efficient_attention": "xformers replaces the ID processors: enable it before entering "
+                                                  "the block (the layers without ID keep it)",
+    "disable_xformers_memory_efficient_attention": "this replaces the ID processors: call it after leaving the block",
+}
+
+
+def _guard(unet, name: str, why: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"unet.{name}() inside PuLID's `installed(...)` / `install(...)` block: {why}.")
+    return refuse
 
 
 def layer_name(processor_name: str) -> str:
@@ -232,21 +287,32 @@ def id_kwargs(id_tokens: torch.Tensor | None, id_scale: float, capture: Capture 
 def install(unet, id_processors: IDProcessors | None = None):
     """Install our processors on every attention layer of ``unet``; restore the exact originals on exit.
 
-    Without ``id_processors`` (hooks only), attn2 layers get ID processors without ID projections use
-    (``id_tokens`` must then stay None) — a zero-initialised set is created for them.
+    attn2 layers get ``id_processors``' ID attention; every other layer keeps its own processor (``KeptLayer``).
+    Without ``id_processors`` (hooks only), attn2 layers get ID processors whose projections are never used
+    (``id_tokens`` must then stay None). The methods in ``GUARDED`` raise while the block is open.
     """
     original = dict(unet.attn_processors)
     if id_processors is None:
-        id_processors = IDProcessors(unet, id_dim=1)
-    procs = {}
-    for name in original:
-        procs[name] = (id_processors.processor(name) if name in id_processors.layer_names
-                       else PlainAttnProcessor(layer_name(name)))
-    unet.set_attn_processor(procs)
+        sizes = _layer_sizes(unet)
+        hooks = {n: IDAttnProcessor(sizes[n], 1, layer_name(n)) for n in cross_attention_layers(unet)}
+    else:
+        hooks = {n: id_processors.processor(n) for n in id_processors.layer_names}
+    unet.set_attn_processor({n: IDLayer(hooks[n]) if n in hooks else KeptLayer(p) for n, p in original.items()})
+    guarded = [name for name in GUARDED if hasattr(unet, name) and name not in vars(unet)]
+    for name in guarded:
+        setattr(unet, name, _guard(unet, name, GUARDED[name]))  # an instance attribute shadows the method
     try:
         yield unet
     finally:
+        for name in guarded:
+            vars(unet).pop(name, None)
         unet.set_attn_processor(original)
+
+
+def installed_id_processor(module) -> IDAttnProcessor | None:
+    """The ID processor ``install`` put on an attention module, or None when ours are not installed there."""
+    proc = getattr(module, "processor", None)
+    return proc.processor if isinstance(proc, IDLayer) else None
 
 
 def heat_maps(capture: Capture, token: int, size: int = 32, step: int | None = None) -> torch.Tensor:

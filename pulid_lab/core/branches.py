@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import Capture, IDAttnProcessor, id_kwargs
+from .attention import Capture, id_kwargs, installed_id_processor
 from .sampling import LIGHTNING_STEPS, lightning_sample
 
 
@@ -24,7 +24,7 @@ def unet_fn(unet, text_tokens, id_tokens=None, id_scale: float = 1.0, capture: C
     text_tokens = text_tokens.to(dtype)
 
     def fn(x, t, step):
-        if not isinstance(probe.processor, IDAttnProcessor):
+        if installed_id_processor(probe) is None:
             raise RuntimeError("the UNet's ID processors are not installed (was backward called outside "
                                "`with adapter.installed(unet)`? checkpointed steps re-run the UNet in backward)")
         kwargs = id_kwargs(id_tokens, id_scale, capture, step)
