@@ -164,6 +164,15 @@ def test_attention_explorer_widget_updates_without_a_frontend(tiny_paths):
     box = attention_explorer({"a": tiny_paths["with ID"], "b": tiny_paths["scale 0"]})
     c = box.controls
     assert box.result["token"] == "comic"
+    for name in ("layer", "step"):  # every option of both dropdowns can be chosen (a layer's value is its name)
+        for _, value in c[name].options:
+            c[name].value = value
+            assert box.result is not None
+    c["layer"].value, c["step"].value = c["layer"].options[0][1], c["step"].options[0][1]
+    mean_map = box.result["maps"]["with ID"]
+    c["layer"].value = c["layer"].options[1][1]  # one layer's map is not the mean over layers
+    assert not np.allclose(box.result["maps"]["with ID"], mean_map)
+    c["layer"].value = c["layer"].options[0][1]
     c["step"].value = 3
     c["token"].value = 6
     assert box.result["token"] == "green"

@@ -1,7 +1,7 @@
 """Experiment configs: validation, and which knobs shape which stage (so grids share the stages they can)."""
 import pytest
 
-from pulid_lab.lessons.lab import figure_path
+from pulid_lab.lessons.lab import committed_figure, figure_path, runs_dir
 from pulid_lab.train.experiment import Experiment, stage_key
 
 
@@ -48,9 +48,14 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     assert kf[0] == kb[0] and kf[1] != kb[1]  # a stage's own budget shapes it and what follows
 
 
-def test_smoke_runs_never_write_committed_figures():
+def test_lessons_write_committed_figures_only_when_asked(monkeypatch):
+    monkeypatch.delenv("PULID_LAB_UPDATE_FIGURES", raising=False)
     assert figure_path("tour.png", "smoke") is None
-    assert figure_path("tour.png", "quick").parts[-2:] == ("figures", "tour.png")
+    assert figure_path("tour.png", "quick") == runs_dir() / "figures" / "quick" / "tour.png"
+    assert figure_path("tour.png", "quick") != committed_figure("tour.png")
+    monkeypatch.setenv("PULID_LAB_UPDATE_FIGURES", "1")
+    assert figure_path("tour.png", "quick") == committed_figure("tour.png")
+    assert committed_figure("tour.png").parts[-2:] == ("figures", "tour.png")
 
 
 def test_stage_key_changes_with_the_base_model(smoke_models, tmp_path):

@@ -36,13 +36,23 @@ def runs_dir() -> Path:
     return cache_dir() / "runs"
 
 
+UPDATE_FIGURES = "PULID_LAB_UPDATE_FIGURES"  # set to 1 to write the lessons' figures into the committed figures/
+
+
 def figure_path(name: str, profile: str) -> Path | None:
-    """``figures/<name>`` for real runs; None (show, do not save) for smoke runs, whose tiny budgets would
-    overwrite the committed figures with meaningless ones."""
+    """Where a lesson saves a figure: None (show, do not save) for smoke runs; ``figures/<name>`` when the
+    environment variable PULID_LAB_UPDATE_FIGURES is 1 (how the committed figures are regenerated); else
+    ``<runs>/figures/<profile>/<name>``, so a class's own runs never overwrite the committed figures."""
     if profile == "smoke":
         return None
-    root = project_root() or Path.cwd()
-    return root / "figures" / name
+    if os.environ.get(UPDATE_FIGURES) == "1":
+        return committed_figure(name)
+    return runs_dir() / "figures" / profile / name
+
+
+def committed_figure(name: str) -> Path:
+    """``figures/<name>`` of the repository (what the README shows)."""
+    return (project_root() or Path.cwd()) / "figures" / name
 
 
 @dataclass

@@ -127,7 +127,7 @@ def id_insertion_explorer(lab, adapters: dict, prompts=None, identities=None):
         "seed": w.IntText(value=0, description="seed", layout=w.Layout(width="160px")),
         "prompt": w.Combobox(value=prompts[0], options=prompts, description="prompt", ensure_option=False,
                              continuous_update=False, layout=w.Layout(width="520px")),
-        "id_scale": w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="id_scale",
+        "id_scale": w.FloatSlider(value=1.0, min=0.0, max=4.0, step=0.05, description="id_scale",
                                   continuous_update=False),
     }
     out = w.Output()
@@ -183,8 +183,10 @@ def attention_explorer(paths_by_name, kind: str = "cross"):
         "adapter": w.Dropdown(options=list(paths_by_name), description="adapter"),
         "item": w.Dropdown(options=[(f"{i}: {p.replace('a portrait, ', '')}", i) for i, p in enumerate(first.prompts)],
                            description="example", layout=w.Layout(width="420px")),
-        "layer": w.Dropdown(options=[ALL] + [(layer_label(la, sizes[la]), la) for la in first.layers], description="layer"),
-        "step": w.Dropdown(options=[ALL] + list(first.steps), description="step"),
+        # every option a (label, value) pair: ipywidgets reads a list mixing bare values with pairs as labels only
+        "layer": w.Dropdown(options=[(ALL, ALL)] + [(layer_label(la, sizes[la]), la) for la in first.layers],
+                            description="layer"),
+        "step": w.Dropdown(options=[(ALL, ALL)] + [(str(s), s) for s in first.steps], description="step"),
         "token": w.Dropdown(description="token"),
         "kind": w.ToggleButtons(options=[("image-to-text attention", "cross"), ("semantic softmax(K Q^T)", "response")],
                                 value=kind, description="map"),
