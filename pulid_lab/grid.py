@@ -251,6 +251,12 @@ def _number(v: str):
     return v
 
 
+def varied_parameters(rows: list[dict]) -> list[str]:
+    """The parameters that take more than one value across a grid's result rows."""
+    return [k for k in rows[0] if k not in (*METRICS, "config", "n", "seconds") and not k.startswith("own_caption_")
+            and len({r[k] for r in rows}) > 1]
+
+
 def report(out: str | Path, figure: str | Path | None = None, table2: str | Path | None = None) -> dict:
     """Pareto plot (Face Sim vs prompt score and vs purity) + a markdown table of a finished grid."""
     from .lessons import plots
@@ -261,8 +267,7 @@ def report(out: str | Path, figure: str | Path | None = None, table2: str | Path
         raise GridError(f"{out}/results.csv has no results yet")
     paper_rows = json.loads(Path(table2).read_text()) if table2 else None
     fig_path = Path(figure) if figure else out / "pareto.png"
-    varied = [k for k in rows[0] if k not in (*METRICS, "config", "n", "seconds") and not k.startswith("own_caption_")
-              and len({r[k] for r in rows}) > 1]
+    varied = varied_parameters(rows)
     plots.pareto(rows, paper_rows, out=fig_path, title=out.name, varied=varied)
     lines = ["| " + " | ".join(varied + list(METRICS)) + " | Pareto (prompt score) | Pareto (purity) |",
              "|" + "---|" * (len(varied) + len(METRICS) + 2)]

@@ -85,3 +85,13 @@ def test_leak_by_scale_sweep(smoke_lab):
     for r in sweep["by_scale"]:
         assert all(0 <= r["follow"][a] + r["copy"][a] <= 1 for a in sweep["attributes"])
     contamination.plot_leak_by_scale(sweep)
+
+
+def test_leak_verdicts_say_leaks_only_when_the_interval_is_above_zero():
+    report = {"n": 96, "attributes": ["background", "lighting", "hat"], "conditions": {
+        "without ID": {"copy": {"background": 0.10, "lighting": 0.20, "hat": 0.30}},
+        "Stage 1": {"copy": {"background": 0.45, "lighting": 0.24, "hat": 0.05}}}}
+    bg, light, hat = contamination.leak_verdicts(report, "Stage 1")
+    assert bg.startswith("background: copied in 45% with Stage 1 vs 10% without ID (+35 points") and bg.endswith("leaks")
+    assert light.endswith("no measurable leak")
+    assert hat.endswith("copied less than by chance")

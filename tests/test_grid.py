@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pulid_lab.grid import GridError, load_grid, read_results, report, run_grid
-from pulid_lab.lessons.plots import pareto_front
+from pulid_lab.lessons.plots import choose_config, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "experiment.ipynb"
@@ -58,6 +58,17 @@ def test_bad_grid_files_fail_before_running(tmp_path, spec, message):
 def test_missing_grid_file(tmp_path):
     with pytest.raises(GridError, match="does not exist"):
         load_grid(tmp_path / "nope.yaml")
+
+
+def test_choose_config_takes_the_most_faithful_of_the_editable_ones():
+    rows = [{"config": c, "face_sim": f, "prompt_score": p} for c, f, p in
+            [("a", 0.70, 0.60), ("b", 0.60, 0.78), ("c", 0.50, 0.80), ("d", 0.55, 0.79)]]
+    pick, why = choose_config(rows, tolerance=0.03)
+    assert pick["config"] == "b" and "3 of 4 configs" in why
+    assert pick in pareto_front(rows, "face_sim", "prompt_score")
+    assert choose_config(rows, tolerance=0.5)[0]["config"] == "a"
+    with pytest.raises(ValueError):
+        choose_config([])
 
 
 def test_pareto_front():

@@ -110,6 +110,24 @@ def leak_rates(base, evaluator, lset: LeakSet, adapters: dict, id_scale: float =
     return {"n": len(lset), "attributes": list(lset.asked), "id_scale": id_scale, "conditions": conditions}
 
 
+def leak_verdicts(report: dict, name: str, level_z: float = 1.96) -> list[str]:
+    """One sentence per attribute: does ``name``'s ID make the output copy the reference more often than without
+    the ID? The difference of the two copy rates over the ``n`` references, with a normal-approximation 95% interval
+    for two proportions (the pairs share references, prompts and noise, which only narrows the true interval);
+    "leaks" only when the whole interval lies above zero."""
+    n = report["n"]
+    without, with_id = report["conditions"][WITHOUT_ID], report["conditions"][name]
+    lines = []
+    for a in report["attributes"]:
+        p1, p0 = with_id["copy"][a], without["copy"][a]
+        half = level_z * np.sqrt((p1 * (1 - p1) + p0 * (1 - p0)) / n)
+        diff, lo, hi = 100 * (p1 - p0), 100 * (p1 - p0 - half), 100 * (p1 - p0 + half)
+        word = "leaks" if lo > 0 else "copied less than by chance" if hi < 0 else "no measurable leak"
+        lines.append(f"{a}: copied in {p1:.0%} with {name} vs {p0:.0%} without ID ({diff:+.0f} points, 95% CI "
+                     f"{lo:+.0f} to {hi:+.0f}): {word}")
+    return lines
+
+
 def leak_by_scale(base, evaluator, lset: LeakSet, adapter, scales=(0.5, 1.0, 2.0, 4.0), batch: int = 64) -> dict:
     """How the leak grows with ``id_scale`` (the weight of the ID attention term) for one adapter:
     ``{"n", "attributes", "scales", "without ID": rates, "by_scale": [rates per scale]}``; rates as in ``leak_rates``."""

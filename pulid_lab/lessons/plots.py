@@ -208,3 +208,17 @@ def pareto_front(rows: list[dict], x: str, y: str) -> list[dict]:
     """Rows not dominated on (x, y), both higher-is-better, sorted by x."""
     front = [r for r in rows if not any(o[x] >= r[x] and o[y] >= r[y] and (o[x] > r[x] or o[y] > r[y]) for o in rows)]
     return sorted(front, key=lambda r: r[x])
+
+
+def choose_config(rows: list[dict], tolerance: float = 0.03, fidelity: str = "face_sim",
+                  editability: str = "prompt_score") -> tuple[dict, str]:
+    """The rule a grid's reader can defend: among the configs whose ``editability`` is within ``tolerance`` of the
+    grid's best, the one with the highest ``fidelity`` (always a member of the Pareto front). Returns (row, why)."""
+    if not rows:
+        raise ValueError("no rows to choose from")
+    best = max(r[editability] for r in rows)
+    keep = [r for r in rows if r[editability] >= best - tolerance]
+    pick = max(keep, key=lambda r: r[fidelity])
+    why = (f"{len(keep)} of {len(rows)} configs keep {editability} within {tolerance:g} of the best ({best:.3f}); "
+           f"the most faithful of them has {fidelity} {pick[fidelity]:.3f} and {editability} {pick[editability]:.3f}")
+    return pick, why
