@@ -258,7 +258,7 @@ GUARDED = {
 }
 
 
-def _guard(unet, name: str, why: str):
+def _guard(name: str, why: str):
     def refuse(*args, **kwargs):
         raise RuntimeError(f"unet.{name}() inside PuLID's `installed(...)` / `install(...)` block: {why}.")
     return refuse
@@ -300,7 +300,7 @@ def install(unet, id_processors: IDProcessors | None = None):
     unet.set_attn_processor({n: IDLayer(hooks[n]) if n in hooks else KeptLayer(p) for n, p in original.items()})
     guarded = [name for name in GUARDED if hasattr(unet, name) and name not in vars(unet)]
     for name in guarded:
-        setattr(unet, name, _guard(unet, name, GUARDED[name]))  # an instance attribute shadows the method
+        setattr(unet, name, _guard(name, GUARDED[name]))  # an instance attribute shadows the method
     try:
         yield unet
     finally:
