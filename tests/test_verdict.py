@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pulid_lab.lessons.verdict import Verdict, claim_sentence, compare
+from pulid_lab.lessons.verdict import Verdict, compare
 
 
 def _result(values, ids):
@@ -34,9 +34,6 @@ def test_weights_nan_rows_and_mismatched_rows():
         compare(a, b, "A", "B", metric="purity")
 
 
-def test_claim_sentence():
-    claim = {"verdict": "held", "differences": [{"difference": "stage2 - naive, face_sim", "mean": 0.063,
-                                                 "ci": [0.027, 0.099]}]}
-    assert claim_sentence("2_lightning_beats_naive", claim) == (
-        "lightning beats naive: held - stage2 - naive, face_sim +0.063 (95% CI +0.027 to +0.099)")
+
+def test_an_interval_that_contains_zero_has_no_direction():
     assert Verdict("a", "b", "m", 0.0, -0.1, 0.1).direction == 0

@@ -1,8 +1,8 @@
 """Conclusions computed from the numbers: a sentence that states a direction only when its interval does.
 
     from pulid_lab.lessons.verdict import compare
-    v = compare(lightning_rows, naive_rows, "Lightning", "naive", "Face Sim")
-    print(v)  # "Lightning beats naive in Face Sim by 0.031 (95% CI 0.012 to 0.050)"
+    v = compare(lab.evaluate(lightning)[1.0], lab.evaluate(naive)[1.0], "Lightning", "naive", label="Face Sim")
+    print(v)  # "Lightning beats naive in Face Sim by 0.031 (95% CI +0.012 to +0.050)"
 
 ``compare`` takes two ``evaluate`` results on the *same* test rows (their per-row values), pairs them row by
 row and bootstraps the mean difference over identities (``core.metrics.bootstrap_interval``). The sentence says
@@ -66,9 +66,3 @@ def compare(result_a, result_b, a: str, b: str, metric: str = "face_sim", label:
     mean, low, high = bootstrap_interval((va - weight * vb)[keep][None], ids_a[keep], level=level)
     return Verdict(a, b, label or metric.replace("_", " "), mean, low, high, weight, level)
 
-
-def claim_sentence(name: str, claim: dict) -> str:
-    """One line for a claim of ``reproduce.claims``: its verdict and each difference with its interval."""
-    parts = [f"{d['difference']} {d['mean']:+.3f} (95% CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})"
-             for d in claim["differences"]]
-    return f"{name.split('_', 1)[1].replace('_', ' ')}: {claim['verdict']} - " + "; ".join(parts)
