@@ -183,6 +183,12 @@ def _layer_sizes(unet) -> dict[str, int]:
     return sizes
 
 
+def _attn2_processors(unet, id_dim: int, settings: IDAttnSettings | None = None) -> dict[str, IDAttnProcessor]:
+    """A fresh ``IDAttnProcessor`` for every attn2 layer, keyed by its processor name."""
+    sizes = _layer_sizes(unet)
+    return {n: IDAttnProcessor(sizes[n], id_dim, layer_name(n), settings) for n in cross_attention_layers(unet)}
+
+
 def added_kv_layers(unet) -> list[str]:
     """Attention layers that read the text through added key/value projections (diffusers' ``SimpleCrossAttn*``
     blocks, UnCLIP / Kandinsky-style UNets): the text joins the image tokens' own keys there, not an attn2 layer."""
@@ -205,10 +211,9 @@ class IDProcessors(nn.Module):
                 f"attn2 layers, which these blocks do not have. Use a UNet of CrossAttn blocks (SD 1.5 / SDXL-shaped); "
                 f"hooks alone (install(unet) without ID processors) do work on it.")
         self.settings = settings or IDAttnSettings()
-        sizes = _layer_sizes(unet)
-        self.layer_names = cross_attention_layers(unet)
-        self.procs = nn.ModuleDict({_key(n): IDAttnProcessor(sizes[n], id_dim, layer_name(n), self.settings)
-                                    for n in self.layer_names})
+        procs = _attn2_processors(unet, id_dim, self.settings)
+        self.layer_names = list(procs)
+        self.procs = nn.ModuleDict({_key(n): p for n, p in procs.items()})
 
     def processor(self, layer: str) -> IDAttnProcessor:
         return self.procs[_key(layer)]
@@ -293,8 +298,7 @@ def install(unet, id_processors: IDProcessors | None = None):
     """
     original = dict(unet.attn_processors)
     if id_processors is None:
-        sizes = _layer_sizes(unet)
-        hooks = {n: IDAttnProcessor(sizes[n], 1, layer_name(n)) for n in cross_attention_layers(unet)}
+        hooks = _attn2_processors(unet, id_dim=1)
     else:
         hooks = {n: id_processors.processor(n) for n in id_processors.layer_names}
     unet.set_attn_processor({n: IDLayer(hooks[n]) if n in hooks else KeptLayer(p) for n, p in original.items()})
