@@ -44,6 +44,9 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     ke = chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=4.0))
     assert len(set(ke) & set(kb)) == 0
     assert chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=0.0, id_dropout=0.0)) == kb
+    kg = chain(Experiment(profile="smoke", lambda_sem=0.6, align_every_step=True))
+    assert kg[:2] == kb[:2] and kg[2] != kb[2]  # alignment at every Lightning step shapes Stage 3 only
+    assert chain(Experiment(profile="smoke", lambda_sem=0.6, align_every_step=False)) == kb
     kf = chain(Experiment(profile="smoke", lambda_sem=0.6, stage2_steps=5))
     assert kf[0] == kb[0] and kf[1] != kb[1]  # a stage's own budget shapes it and what follows
 

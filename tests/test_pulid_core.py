@@ -219,6 +219,42 @@ def test_alignment_gradients_are_the_same_with_and_without_checkpointing():
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def _align_grad(every: bool, use_checkpoint: bool, k: int = 1, with_image: bool = False):
+    base, adapter, emb, feats = _setup_branch(seed=2)
+    text = base.encode(["a portrait, comic", "a portrait"])
+    with adapter.installed(base.unet):
+        out = lightning_branch(base.unet, text, adapter.tokens(emb, feats), initial_noise(2, 3), grad_steps=k,
+                               use_checkpoint=use_checkpoint, graph_every_step=every)
+        steps_with_graph = sorted({s for (_, s), q in out.capture_id.q.items() if q.requires_grad})
+        loss = losses.align_loss(out.capture_id, out.capture_plain)[0]
+        (loss + out.image_id.mean() if with_image else loss).backward()
+    return steps_with_graph, torch.cat([p.grad.flatten() for p in adapter.parameters() if p.grad is not None])
+
+
+def test_graph_every_step_trains_alignment_at_every_step_and_keeps_l_id_on_the_last_k():
+    """k = 1: without graph_every_step only step 3's captures have a graph; with it all four do (each step from a
+    detached input), with the same gradients whether the steps are checkpointed or not. The image's gradient is
+    unchanged: the chain to x0 still starts at the last k steps."""
+    last_steps, last = _align_grad(False, False)
+    every_steps, every = _align_grad(True, False)
+    _, every_ckpt = _align_grad(True, True)
+    assert last_steps == [3] and every_steps == [0, 1, 2, 3]
+    assert not torch.allclose(every, last)
+    torch.testing.assert_close(every, every_ckpt, rtol=1e-4, atol=1e-6)
+    # the image path alone: identical with and without graph_every_step
+    base, adapter, emb, feats = _setup_branch(seed=2)
+    text = base.encode(["a portrait, comic", "a portrait"])
+    grads = []
+    for every_step in (False, True):
+        adapter.zero_grad(set_to_none=True)
+        with adapter.installed(base.unet):
+            out = lightning_branch(base.unet, text, adapter.tokens(emb, feats), initial_noise(2, 3), grad_steps=1,
+                                   with_plain=False, graph_every_step=every_step)
+            out.image_id.mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_capture_keeps_the_first_write_of_a_layer_and_step():
     """Checkpoint recomputation re-runs the processors in backward; the capture must keep what the loss used."""
     cap = Capture()

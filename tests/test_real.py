@@ -76,6 +76,25 @@ def test_lightning_unet_replaces_weights(saved, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_unet("sd15").state_dict().items()}, str(sd15))
     with pytest.raises(ValueError, match="does not fit"):
         real.load_pipeline(saved["sdxl"], lightning_unet=sd15, kind="sdxl", device="cpu")
+    # for training: a second UNet with the Lightning weights, beside the base pipeline (which keeps its own)
+    fast = real.load_unet(saved["sdxl"], path, device="cpu")
+    for k, v in other.state_dict().items():
+        assert torch.equal(fast.state_dict()[k], v), k
+    assert not any(p.requires_grad for p in fast.parameters())
+    with pytest.raises(ValueError, match="does not fit"):
+        real.load_unet(saved["sdxl"], sd15, device="cpu")
+    with pytest.raises(FileNotFoundError, match="ByteDance/SDXL-Lightning"):
+        real.load_unet(saved["sdxl"], tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="unet/config.json"):
+        real.load_unet(tmp_path, path)
+    # the base weights as a second UNet, and a pipeline sharing everything else
+    base = real.load_unet(saved["sdxl"], device="cpu")
+    plain = real.load_pipeline(saved["sdxl"], kind="sdxl", device="cpu")
+    for k, v in plain.unet.state_dict().items():
+        assert torch.equal(base.state_dict()[k], v), k
+    train_pipe = real.with_unet(pipe, base)
+    assert train_pipe.unet is base and train_pipe.vae is pipe.vae and train_pipe.text_encoder_2 is pipe.text_encoder_2
+    assert type(train_pipe.scheduler) is type(pipe.scheduler)
 
 
 def test_missing_files_are_clear_errors(saved, tmp_path):

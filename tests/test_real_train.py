@@ -17,7 +17,7 @@ pytest.importorskip("insightface")
 
 from pulid_lab.real import pipeline as real
 from pulid_lab.real import train as real_train  # noqa: E402
-from pulid_lab.real.tiny import TinyRecognizer, save_pipeline, tiny_extractor  # noqa: E402
+from pulid_lab.real.tiny import TinyRecognizer, save_pipeline, tiny_extractor, tiny_unet  # noqa: E402
 
 RES = 32
 
@@ -78,6 +78,22 @@ def saved(tmp_path_factory):
 
 def _pipe(saved, kind="sd15"):
     return real.load_pipeline(saved[kind], kind=kind, device="cpu")
+
+
+def _lightning_unet(kind="sd15"):
+    """A second UNet of the base's architecture (other weights): the few-step UNet of the Lightning branch."""
+    return tiny_unet(kind, seed=7)
+
+
+class CallCounter:
+    """Counts the forward calls of a module (a forward pre-hook)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
 
 
 def _adapter(pipe, seed=0):
@@ -153,9 +169,24 @@ def test_config_and_inputs_are_checked(saved, dataset, tmp_path):
         real_train.RealTrainConfig(stage=4)
     with pytest.raises(ValueError, match="grad_steps"):
         real_train.RealTrainConfig(grad_steps=5)
+    with pytest.raises(ValueError, match="id_dropout"):
+        real_train.RealTrainConfig(id_dropout=1.0)
+    with pytest.raises(ValueError, match="align_reduction"):
+        real_train.RealTrainConfig(align_reduction="max")
     pipe = _pipe(saved)
     with pytest.raises(ValueError, match="differentiable torch"):
         real_train.train_real(real_train.RealTrainConfig(stage=2, steps=1), pipe, _adapter(pipe), dataset[0], tmp_path)
+    # stages 2 and 3 need a few-step UNet beside the base one, of the same architecture
+    for stage in (2, 3):
+        with pytest.raises(ValueError, match="few-step UNet.*load_unet"):
+            real_train.train_real(real_train.RealTrainConfig(stage=stage, steps=1), pipe, _adapter(pipe), dataset[0],
+                                  tmp_path, face_recognizer=TinyPhi())
+    with pytest.raises(ValueError, match="the pipeline's own UNet"):
+        real_train.train_real(real_train.RealTrainConfig(stage=2, steps=1), pipe, _adapter(pipe), dataset[0], tmp_path,
+                              face_recognizer=TinyPhi(), lightning_unet=pipe.unet)
+    with pytest.raises(ValueError, match="attention layers"):
+        real_train.train_real(real_train.RealTrainConfig(stage=2, steps=1), pipe, _adapter(pipe), dataset[0], tmp_path,
+                              face_recognizer=TinyPhi(), lightning_unet=_lightning_unet("sdxl"))
     # SDXL added_cond_kwargs as diffusers' training scripts
     added = real_train.sdxl_added_cond(torch.zeros(2, 32), torch.tensor([[48, 40], [32, 32]]),
                                        torch.tensor([[3, 0], [0, 0]]), (32, 32), torch.float32, "cpu")
@@ -219,11 +250,23 @@ def test_stage_2_and_3_one_step(saved, dataset, tmp_path, kind, stage):
     pipe = _pipe(saved, kind)
     adapter = _adapter(pipe)
     phi = TinyPhi()
+    fast = _lightning_unet(kind)
+    fast_before = {k: v.clone() for k, v in fast.state_dict().items()}
     frozen, start = _frozen_state(pipe, phi), {k: v.clone() for k, v in adapter.state_dict().items()}
     cfg = real_train.RealTrainConfig(stage=stage, steps=1, batch=2, lightning_batch=1, resolution=RES, lr=1e-3,
                                      grad_steps=2, gradient_checkpointing=(stage == 3), mixed_precision="no",
                                      use_accelerate=False, checkpoint_every=1)
-    res = real_train.train_real(cfg, pipe, adapter, ds, tmp_path, face_recognizer=phi, progress=False)
+    base_calls, fast_calls = CallCounter(pipe.unet), CallCounter(fast)
+    res = real_train.train_real(cfg, pipe, adapter, ds, tmp_path, face_recognizer=phi, lightning_unet=fast,
+                                progress=False)
+    # L_diff on the base UNet (one forward); the Lightning branch on the few-step UNet: 4 steps for L_id, 4 + 4 more
+    # for the two paths of L_align, plus what checkpointing re-runs in backward
+    assert base_calls.calls == 1
+    assert fast_calls.calls >= (4 if stage == 2 else 12)
+    for k, v in fast.state_dict().items():
+        assert torch.equal(v, fast_before[k]), f"the Lightning UNet changed: {k}"
+    assert fast.attn_processors.keys() == pipe.unet.attn_processors.keys()  # processors restored in both
+    assert not any(type(p).__name__ == "IDLayer" for p in fast.attn_processors.values())
     row = res["log"][0]
     assert _finite(res["log"]) and 0 <= row["id"] <= 2
     if stage == 3:
@@ -235,6 +278,88 @@ def test_stage_2_and_3_one_step(saved, dataset, tmp_path, kind, stage):
         assert "align_sem" not in row
     _assert_only_adapter_changed(pipe, frozen, adapter, start, phi)
     assert (tmp_path / "checkpoints" / "step-0000001" / "adapter.safetensors").is_file()
+
+
+def test_stage1_uses_the_base_unet_only(saved, dataset, tmp_path):
+    ds, _ = dataset
+    pipe, fast = _pipe(saved), _lightning_unet()
+    base_calls, fast_calls = CallCounter(pipe.unet), CallCounter(fast)
+    cfg = real_train.RealTrainConfig(stage=1, steps=1, batch=2, resolution=RES, mixed_precision="no",
+                                     use_accelerate=False, checkpoint_every=1)
+    real_train.train_real(cfg, pipe, _adapter(pipe), ds, tmp_path, lightning_unet=fast, progress=False)
+    assert (base_calls.calls, fast_calls.calls) == (1, 0)
+
+
+def _per_step_align_grad_norms(saved, dataset, every: bool) -> list[float]:
+    """The gradient norm that each Lightning step's alignment term alone gives the adapter (stage 3, k = 1)."""
+    from pulid_lab.core import losses
+    from pulid_lab.core.attention import Capture
+    ds, _ = dataset
+    pipe, fast = _pipe(saved), _lightning_unet()
+    adapter = _adapter(pipe)
+    cfg = real_train.RealTrainConfig(stage=3, steps=1, batch=1, resolution=RES, grad_steps=1, mixed_precision="no",
+                                     align_every_step=every, use_accelerate=False)
+    step = real_train.RealPuLIDStep(adapter, pipe, cfg, TinyPhi().requires_grad_(False), fast)
+    batch = real_train.collate([ds[0]])
+    tokens = adapter.tokens(batch["id_vec"], batch["hidden_states"])
+    text, pooled = real_train.encode_text(pipe, ["a watercolor painting of a person"], "cpu")
+    x_T = torch.randn(1, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+    norms = []
+    with adapter.installed(fast):
+        paths = step.lightning(text, pooled, tokens, x_T, with_plain=True)
+        for s in range(cfg.lightning_steps):
+            one = [Capture(), Capture()]
+            for cap, full in zip(one, (paths.capture_id, paths.capture_plain)):
+                for key in full.keys():
+                    if key[1] == s:
+                        cap.q[key], cap.k[key] = full.q[key], full.k[key]
+            loss = 0.6 * losses.align_semantic_loss(*one) + 0.1 * losses.align_layout_loss(*one)
+            if not loss.requires_grad:  # the step ran without a graph: its term is a constant
+                norms.append(0.0)
+                continue
+            grads = torch.autograd.grad(loss, list(adapter.parameters()), retain_graph=True, allow_unused=True)
+            norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
+    return norms
+
+
+def test_alignment_trains_at_every_lightning_step(saved, dataset):
+    """With align_every_step (the default) each of the 4 steps' alignment term gives the adapter a gradient; without
+    it only the last (k = 1) step does: the earlier steps ran without a graph."""
+    every = _per_step_align_grad_norms(saved, dataset, True)
+    last = _per_step_align_grad_norms(saved, dataset, False)
+    print("\nper-step alignment gradient norms (steps 0..3), every step:", [f"{g:.3e}" for g in every],
+          "\n                                       last step only:", [f"{g:.3e}" for g in last])
+    assert all(g > 0 for g in every)
+    assert last[:3] == [0.0, 0.0, 0.0] and last[3] > 0
+    assert last[3] == pytest.approx(every[3], rel=1e-4)  # the last step is the same computation either way
+
+
+def test_id_dropout_gives_some_samples_the_unconditional_id(saved, dataset):
+    """The diffusion branch's ID tokens: a share id_dropout of the rows are the encoder's unconditional tokens."""
+    ds, _ = dataset
+    pipe = _pipe(saved)
+    adapter = _adapter(pipe)
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["cross_attention_kwargs"]["id_tokens"].detach()), with_kwargs=True)
+    batch = real_train.collate([ds[i % len(ds)] for i in range(8)])
+    with torch.no_grad():
+        tokens = adapter.tokens(batch["id_vec"], batch["hidden_states"])
+        uncond = adapter.uncond_tokens(batch["id_vec"], batch["hidden_states"])
+    dropped = {}
+    for p in (0.0, 0.5):
+        cfg = real_train.RealTrainConfig(stage=1, steps=1, batch=8, resolution=RES, id_dropout=p, mixed_precision="no")
+        step = real_train.RealPuLIDStep(adapter, pipe, cfg)
+        seen.clear()
+        with adapter.installed(pipe.unet), torch.no_grad():
+            step(batch, 0)
+        used = seen[0]
+        is_uncond = [torch.allclose(used[i], uncond[i]) for i in range(8)]
+        is_cond = [torch.allclose(used[i], tokens[i]) for i in range(8)]
+        assert all(a != b for a, b in zip(is_uncond, is_cond))  # every row is one or the other
+        dropped[p] = sum(is_uncond)
+    print(f"\nrows with the unconditional ID out of 8: id_dropout 0 -> {dropped[0.0]}, 0.5 -> {dropped[0.5]}")
+    assert dropped[0.0] == 0 and 0 < dropped[0.5] < 8
 
 
 def test_id_loss_gradient_reaches_the_encoder(saved, dataset):
@@ -276,3 +401,17 @@ def test_lightning_paths_capture_every_layer_and_step(saved, kind):
     assert images.shape == (2, RES, RES, 3) and images.dtype == np.uint8
     again = real_train.lightning_paths(pipe, adapter, tokens, "a face", RES, seed=1)
     torch.testing.assert_close(again.latents_plain, p.latents_plain)
+
+
+def test_face_folder_with_a_parser_caches_separately(faces, dataset):
+    """With a face parser, EVA sees the parsed 512 crop: other hidden states, cached under another key."""
+    from pulid_lab.real.tiny import TinyParser
+    ds, cache = dataset
+    before = set(cache.iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parsed = real_train.FaceFolder(faces, FakeFaceAnalysis(), tiny_extractor(), RES, cache_dir=cache,
+                                       parser=TinyParser())
+    assert len(set(cache.iterdir()) - before) == len(parsed) == len(ds)
+    assert not torch.allclose(parsed[0]["hidden_states"][0], ds[0]["hidden_states"][0])
+    torch.testing.assert_close(parsed[0]["id_vec"][:512], ds[0]["id_vec"][:512])  # antelopev2's half is the same

@@ -45,16 +45,20 @@ class LightningOutput:
 def lightning_branch(unet, text_tokens, id_tokens, x_T, id_scale: float = 1.0, grad_steps: int | None = None,
                      with_plain: bool = True, steps: int = LIGHTNING_STEPS, use_checkpoint: bool = True,
                      layers: set[str] | None = None, capture: bool = True, scheduler=None,
-                     added_cond_kwargs: dict | None = None) -> LightningOutput:
+                     added_cond_kwargs: dict | None = None, graph_every_step: bool = False
+                     ) -> LightningOutput:
     """Run the Lightning sampler from ``x_T`` with the ID (gradients through the last ``grad_steps`` steps)
     and, if ``with_plain``, without it (no gradients: the prompt-only path is the alignment target).
     ``unet`` must have our processors installed. Captures (``capture=True``) hold Q and K of every attn2 layer
     at every step — only the alignment loss needs them; without them backprop memory hardly grows with k.
+    ``graph_every_step``: the captures of *every* step carry gradients to the adapter (the alignment loss at every
+    step, as the paper), while the image's gradient still flows through the last ``grad_steps`` steps only
+    (``sampling.lightning_sample``); the captures of earlier steps are constants otherwise.
     ``scheduler`` (a DDIM scheduler with ``steps`` timesteps set) and ``added_cond_kwargs``: what the real tier's
     pipelines need (see ``sampling.lightning_sample`` and ``unet_fn``); the mini world uses the defaults."""
     cap_id = Capture(layers=layers) if capture else None
     image_id = lightning_sample(unet_fn(unet, text_tokens, id_tokens, id_scale, cap_id, added_cond_kwargs), x_T, steps,
-                                grad_steps, use_checkpoint, scheduler)
+                                grad_steps, use_checkpoint, scheduler, graph_every_step and capture)
     image_plain, cap_plain = None, None
     if with_plain:
         cap_plain = Capture(layers=layers) if capture else None

@@ -54,13 +54,16 @@ def sample(model_fn: ModelFn, x_T: torch.Tensor, steps: int = 25, solver: str = 
 
 
 def lightning_sample(model_fn: ModelFn, x_T: torch.Tensor, steps: int = LIGHTNING_STEPS, grad_steps: int | None = None,
-                     use_checkpoint: bool = True, scheduler=None) -> torch.Tensor:
+                     use_checkpoint: bool = True, scheduler=None, graph_every_step: bool = False) -> torch.Tensor:
     """The Lightning branch: ``steps`` DDIM steps (trailing) from pure noise, differentiable.
 
-    Gradients flow through the last ``grad_steps`` steps (default: all); earlier steps run without a graph.
-    With ``use_checkpoint`` each step's UNet activations are recomputed in backward (per-step gradient
-    checkpointing), so memory does not grow with the number of steps backpropagated. ``scheduler``: a DDIM
-    scheduler with ``steps`` timesteps set (default: ours; the real tier passes one built from its pipeline).
+    Gradients flow through the last ``grad_steps`` steps (default: all) of the chain x_T -> x0. Earlier steps run
+    without a graph — unless ``graph_every_step``: then each earlier step also keeps its own graph, from a detached
+    input and to a detached output, so what a step computes inside the UNet (the attention captures the alignment
+    loss reads) trains the adapter at every step while the image's gradient (L_id) still stops at the last
+    ``grad_steps`` steps. With ``use_checkpoint`` each step's UNet activations are recomputed in backward
+    (per-step gradient checkpointing), so memory does not grow with the number of steps that keep a graph.
+    ``scheduler``: a DDIM scheduler with ``steps`` timesteps set (default: ours; the real tier passes its own).
     """
     grad_steps = steps if grad_steps is None else grad_steps
     if not 0 <= grad_steps <= steps:
@@ -76,13 +79,15 @@ def lightning_sample(model_fn: ModelFn, x_T: torch.Tensor, steps: int = LIGHTNIN
             v = model_fn(x_in, tt, i)
             return sched.step(v, t, x_in).prev_sample  # DDIM, eta = 0
 
-        if i < steps - grad_steps or not torch.is_grad_enabled():
+        chained = i >= steps - grad_steps  # on the image's gradient path (L_id)
+        if not torch.is_grad_enabled() or not (chained or graph_every_step):
             with torch.no_grad():
                 x = one_step(x)
-        elif use_checkpoint:
-            x = checkpoint(one_step, x, use_reentrant=False)
-        else:
-            x = one_step(x)
+            continue
+        x_in = x if chained else x.detach()
+        x = checkpoint(one_step, x_in, use_reentrant=False) if use_checkpoint else one_step(x_in)
+        if not chained:
+            x = x.detach()  # x_{t-1} enters the next step as a constant: the chain starts at step steps - grad_steps
     return x
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..core.adapter import PuLIDAdapter
 from ..core.attention import IDAttnSettings, id_kwargs
+from .eva_input import FaceParser, align_face_512, parsed_face
 
 SDXL_HINT = ("stabilityai/stable-diffusion-xl-base-1.0 from the Hugging Face hub "
              "(e.g. `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`)")
@@ -84,17 +85,51 @@ def load_pipeline(base: str | Path, lightning_unet: str | Path | None = None, ki
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     pipe = cls.from_pretrained(source, local_files_only=not allow_download, **{_dtype_kwarg(): dtype}, **extra)
     if lightning_unet is not None:
-        from safetensors.torch import load_file
-        state = load_file(str(lightning_unet))
-        try:
-            pipe.unet.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{lightning_unet} does not fit the UNet of {base} ({kind}): {e}") from e
+        _load_unet_weights(pipe.unet, lightning_unet, f"the UNet of {base} ({kind})")
         pipe.unet.to(dtype)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     if hasattr(pipe, "watermark"):
         pipe.watermark = None  # as the official code
     return pipe.to(device)
+
+
+def _load_unet_weights(unet, path: Path, what: str) -> None:
+    from safetensors.torch import load_file
+    try:
+        unet.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit {what}: {e}") from e
+
+
+def load_unet(base: str | Path, weights: str | Path | None = None, device=None, dtype=None):
+    """One more UNet of the base pipeline's architecture (``base/unet``), frozen: with the base weights
+    (``weights=None``) or with a few-step file such as SDXL-Lightning's ``sdxl_lightning_4step_unet.safetensors``.
+    Training holds two UNets — L_diff on the base, the Lightning branch on the few-step one — and shares the VAE and
+    text encoders (``with_unet``). Local files only."""
+    from diffusers import UNet2DConditionModel
+
+    base_path = Path(base).expanduser()
+    if not (base_path / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"{base_path / 'unet' / 'config.json'} not found: {base_path} is not a diffusers "
+                                f"pipeline folder; get {SDXL_HINT}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if weights is None:
+        unet = UNet2DConditionModel.from_pretrained(str(base_path), subfolder="unet", local_files_only=True)
+    else:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise FileNotFoundError(f"Lightning UNet file {weights} not found; get {LIGHTNING_HINT}")
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(base_path / "unet")))
+        _load_unet_weights(unet, weights, f"the UNet of {base_path}")
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def with_unet(pipe, unet):
+    """A pipeline of ``pipe``'s class that shares every component of ``pipe`` (VAE, text encoders, tokenizers,
+    scheduler) except the UNet: e.g. the base-UNet pipeline of training beside the Lightning one of generation,
+    without loading the rest twice."""
+    return type(pipe)(**{**pipe.components, "unet": unet})
 
 
 DEMO_PROMPTS = ("portrait, color, cinematic", "a person as an astronaut, comic book style, pink background")
@@ -165,13 +200,16 @@ def load_face_analysis(root: str | Path, name: str = "antelopev2", det_size=(640
 
 
 def reference_face(image: np.ndarray, face_analysis, name: str = "image", save_crop: str | Path | None = None,
-                   bgr: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   bgr: bool = False, return_kps: bool = False) -> tuple[np.ndarray, ...]:
     """Detect the reference face: (512-d antelopev2 embedding, aligned 112x112 crop).
 
     ``image``: uint8 (H, W, 3), **RGB** (as PIL / imageio give it); pass ``bgr=True`` for cv2 images. The crop is
     returned in the same channel order as the input (``norm_crop`` with the face's 5 keypoints; insightface
     itself works in BGR). No face -> ``ValueError`` naming the image; several faces -> the largest box (as the
     official code) and a warning with the count. ``save_crop``: write the crop there as PNG.
+
+    ``return_kps=True``: (embedding, crop, keypoints) with the face's 5 keypoints (5, 2) float32 in ``image``'s
+    pixel coordinates (what ``eva_input.align_face_512`` takes for the official EVA-CLIP input).
     """
     from insightface.utils import face_align
 
@@ -197,7 +235,10 @@ def reference_face(image: np.ndarray, face_analysis, name: str = "image", save_c
         save_crop = Path(save_crop)
         save_crop.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(crop_bgr[:, :, ::-1])).save(save_crop, format="PNG")
-    return np.asarray(face.embedding, dtype=np.float32), crop
+    emb = np.asarray(face.embedding, dtype=np.float32)
+    if return_kps:
+        return emb, crop, np.asarray(face.kps, dtype=np.float32).reshape(5, 2)
+    return emb, crop
 
 
 def face_similarity(image, reference_embedding: np.ndarray, face_analysis, name: str = "image") -> float | None:
@@ -515,7 +556,8 @@ class OpenClipFeatures(nn.Module):
     the inputs of ``layers`` blocks (B, 1 + patches, width)). Frozen, eval mode.
 
     The crops are resized (bicubic) to the tower's input size and normalised with its mean/std. The official code
-    also applies a face-parsing mask (white background, grey face) before EVA-CLIP; that step is not done here.
+    feeds EVA-CLIP a 512x512 aligned, face-parsed crop (white background, grey face); that picture is built before
+    this wrapper, by ``eva_input.parsed_face`` (``id_condition(..., parser=...)``), and passed in as the crops.
     """
 
     def __init__(self, visual: nn.Module, image_size: int, mean, std, layers: list[int] | None = None):
@@ -583,14 +625,39 @@ def crops_to_tensor(crops) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
 
 
+_UNPARSED_WARNED = False  # id_condition warns once per process about the unparsed 112x112 EVA input
+
+
 @torch.no_grad()
 def id_condition(image: np.ndarray, face_analysis, extractor: FeatureExtractor, name: str = "image",
-                 device=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 device=None, parser: FaceParser | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Reference image (uint8 RGB (H, W, 3)) -> the official ID condition: (id vector (1, 512 + D) = antelopev2
-    embedding ++ normalised CLS, [hidden states (1, N, C)]) — feed both to ``RealAdapter.tokens``."""
-    emb, crop = reference_face(image, face_analysis, name=name)
+    embedding ++ normalised CLS, [hidden states (1, N, C)]) — feed both to ``RealAdapter.tokens``.
+
+    The antelopev2 embedding always comes from insightface on ``image``. What the extractor (EVA-CLIP) sees:
+
+    - ``parser`` given (``eva_input.load_face_parser(path)``, or any callable with BiSeNet's call signature): the
+      official input — the face aligned to the 512x512 FFHQ template with its 5 keypoints
+      (``eva_input.align_face_512``) and parsed (``eva_input.parsed_face``): white background, grey face,
+      (1, 3, 512, 512);
+    - ``parser=None``: insightface's aligned 112x112 colour crop, unparsed — not what the official weights were
+      trained on (a warning says so, once per process).
+    """
+    global _UNPARSED_WARNED
+    emb, crop, kps = reference_face(image, face_analysis, name=name, return_kps=True)
     device = torch.device(device) if device is not None else _module_device(extractor)
-    cls, hidden = extractor(crops_to_tensor(crop).to(device))
+    if parser is not None:
+        eva_in = parsed_face(align_face_512(np.asarray(image), kps), parser)
+    else:
+        if not _UNPARSED_WARNED:
+            _UNPARSED_WARNED = True
+            warnings.warn("id_condition without a face parser: EVA-CLIP sees insightface's unparsed 112x112 colour "
+                          "crop, not the official input (a 512x512 aligned crop, background white, face grey). "
+                          "Pass parser=pulid_lab.real.eva_input.load_face_parser('parsing_bisenet.pth') "
+                          "(facexlib's BiSeNet weights; `pip install facexlib`) for the official input.",
+                          stacklevel=3)  # the caller of id_condition (past the no_grad wrapper)
+        eva_in = crops_to_tensor(crop)
+    cls, hidden = extractor(eva_in.to(device))
     id_vec = id_vector(torch.from_numpy(emb)[None].to(device=device, dtype=torch.float32), cls.float())
     return id_vec, [h.float() for h in hidden]
 

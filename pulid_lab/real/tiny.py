@@ -12,6 +12,8 @@ Same classes as the real tier (docs/real_tier.md), sizes of a few kB to a few MB
   image), and an ONNX recognizer with a 112x112 input that insightface loads as ``ArcFaceONNX``;
 - ``TinyViT`` / ``tiny_extractor()``: an open_clip-shaped ViT behind ``real.OpenClipFeatures`` (EVA02-CLIP's
   place in the ID condition);
+- ``TinyParser``: a fixed 1x1-conv "face parser" with BiSeNet's call signature (facexlib's parser, which builds the
+  official EVA-CLIP input in ``real.eva_input.parsed_face``);
 - ``write_stand_ins(folder)``: all of the above at once, as notebook 06 uses them without a GPU.
 
 What they prove: shapes, wiring, file formats and error paths. What they cannot: anything about image quality or
@@ -276,6 +278,45 @@ def tiny_extractor(size: int = 32):
     """``real.OpenClipFeatures`` over a ``TinyViT``: crops -> (CLS (B, 16), 5 hidden states (B, 1 + (size/8)^2, 8))."""
     from .pipeline import OpenClipFeatures
     return OpenClipFeatures(TinyViT(), image_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# face parsing: BiSeNet's place (the official EVA-CLIP input)
+# ---------------------------------------------------------------------------------------------------------------
+
+class TinyParser(nn.Module):
+    """A deterministic stand-in of facexlib's 19-class BiSeNet face parser: the same call signature
+    (ImageNet-normalised (B, 3, H, W) -> a tuple of 3 logit maps (B, 19, H, W), as BiSeNet's (out, out16, out32))
+    from one 1x1 convolution with fixed weights — no randomness, no training:
+
+    - label 0 (background): ``1.5 - (r + g + b)`` of the normalised channels — pixels darker than a grey of about
+      143/255 (the crop's border fill, ``eva_input.BORDER_RGB``, included);
+    - label 1 (skin): ``(r + g + b) - 1.5`` — brighter pixels;
+    - label 17 (hair): ``2 (b - r) - 1`` — clearly bluish pixels;
+    - every other label: -10 (never chosen). Ties go to the lowest label (argmax), so a pixel exactly at the
+      threshold is background.
+
+    On a drawn face (``draw_faces``) both background-like and face labels occur, which is all the tests need; the
+    labels mean nothing about real faces."""
+
+    def __init__(self, num_class: int = 19):
+        super().__init__()
+        if num_class < 18:
+            raise ValueError(f"num_class must be at least 18 (labels 0, 1, 17 are used), got {num_class}")
+        self.conv = nn.Conv2d(3, num_class, 1)
+        w = torch.zeros(num_class, 3)
+        b = torch.full((num_class,), -10.0)
+        w[0], b[0] = torch.tensor([-1.0, -1.0, -1.0]), 1.5
+        w[1], b[1] = torch.tensor([1.0, 1.0, 1.0]), -1.5
+        w[17], b[17] = torch.tensor([-2.0, 0.0, 2.0]), -1.0
+        with torch.no_grad():
+            self.conv.weight.copy_(w[:, :, None, None])
+            self.conv.bias.copy_(b)
+        self.eval().requires_grad_(False)
+
+    def forward(self, x):
+        logits = self.conv(x)
+        return logits, logits, logits
 
 
 # ---------------------------------------------------------------------------------------------------------------

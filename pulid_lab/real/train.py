@@ -7,22 +7,34 @@ image feature extractor (EVA02-CLIP through ``pulid_lab.real.pipeline.load_eva_c
   image (stage 1 as in the paper: the source of contamination) with ``reference_face`` + the feature extractor,
   once per image (kept in memory as float16, optionally cached on disk). Images without a face are skipped with
   a warning.
+- **Two UNets**: the diffusion branch (``L_diff``) runs on the pipeline's UNet, the *base* model (stage 1 trains on
+  the non-distilled SDXL, as the paper); the Lightning branch runs on ``lightning_unet``, a few-step UNet
+  (SDXL-Lightning 4-step, ``pulid_lab.real.pipeline.load_unet``). The VAE, the text encoders and the
+  adapter are shared: the same ID projections are installed in both UNets. Stages 2 and 3 refuse to run without
+  a few-step UNet: the base UNet at 4 DDIM steps gives blurred faces, and L_id on them would train the adapter on
+  noise.
 - **Stage 1**: ``L_diff`` on the diffusion branch: VAE latents, noise, a ``DDPMScheduler`` built from the
   pipeline's scheduler config (its ``prediction_type``: epsilon or v), the SDXL ``added_cond_kwargs``
   (``text_embeds`` = pooled text embedding, ``time_ids`` = original size + crop top-left + target size, as
-  diffusers' SDXL training scripts).
+  diffusers' SDXL training scripts). With ``id_dropout`` a share of the samples gets the unconditional ID tokens
+  (the encoder on zeros, what classifier-free guidance over the ID uses at generation), so that path is trained.
 - **Stage 2**: ``+ lambda_id L_id`` on the Lightning branch: 4 DDIM steps with trailing timesteps from the
   pipeline's scheduler config (deterministic Euler/DDIM, the sampler SDXL-Lightning is distilled for) from pure
   noise with the neutral prompt, the last ``grad_steps`` steps differentiable, decoded by the VAE and embedded
-  by ``face_recognizer``.
+  by ``face_recognizer`` (``pulid_lab.real.recognizer``: antelopev2's recognizer converted to torch, on the face
+  the detector finds, aligned by a differentiable warp).
 - **Stage 3**: ``+ L_align`` (``pulid_lab.core.losses``) over the two Lightning paths (with / without ID, same x_T
-  and prompt) captured with ``pulid_lab.core.attention.Capture``, for prompts chosen to reveal contamination.
+  and prompt) captured with ``pulid_lab.core.attention.Capture``, for prompts chosen to reveal contamination. With
+  ``align_every_step`` (the default, as the paper) the alignment loss trains the adapter at *every* step (each
+  step's graph from a detached input, recomputed in backward when ``checkpoint_lightning``); L_id still
+  backpropagates through the last ``grad_steps`` steps only. The terms are averaged over (layer, step) pairs
+  (``align_reduction='mean'``, what the mini world measured) over all text tokens, padding included, as there.
 
 ``face_recognizer`` (phi of L_id) must be a **differentiable torch module**: insightface's ONNX recognizers
-(antelopev2 ``glintr100.onnx``) run in onnxruntime and give no gradient. It receives the decoded images
-``(B, 3, H, W)``, RGB in [-1, 1] at the training resolution, and must return embeddings ``(B, D)``; any face
-alignment/cropping (e.g. a fixed central crop resized to 112x112 for an ArcFace ResNet ported to torch) happens
-inside it. The reference embedding is the same module applied to the training image, without gradient.
+(antelopev2 ``glintr100.onnx``) run in onnxruntime and give no gradient (``pulid_lab.real.recognizer`` converts one).
+It receives the decoded images ``(B, 3, H, W)``, RGB in [-1, 1] at the training resolution, and must return
+embeddings ``(B, D)``; face detection and alignment happen inside it. The reference embedding is the same module
+applied to the training image, without gradient.
 
 Only the adapter trains (ID encoder + ``id_to_k``/``id_to_v``); the pipeline's models and phi stay frozen.
 Memory options (``RealTrainConfig``): bf16 autocast on CUDA, UNet/VAE gradient checkpointing, per-step
@@ -49,7 +61,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core import losses
-from ..core.attention import Capture, IDAttnSettings, id_kwargs
+from ..core.attention import Capture, IDAttnSettings, cross_attention_layers, id_kwargs
 from ..core.branches import LightningOutput, lightning_branch
 from ..core.device import autocast
 from ..core.files import plain_json
@@ -87,7 +99,10 @@ class RealTrainConfig:
     lambda_layout: float = losses.LAMBDA_LAYOUT
     id_scale: float = 1.0
     lightning_steps: int = 4
-    grad_steps: int = 1  # backprop through the last k Lightning steps (paper: k=1 41 GB, k=4 63 GB on SDXL)
+    grad_steps: int = 1  # L_id backprops through the last k Lightning steps (paper: k=1 41 GB, k=4 63 GB on SDXL)
+    align_every_step: bool = True  # L_align trains the adapter at every Lightning step (else only the last k)
+    align_reduction: str = "mean"  # over (layer, step) pairs: "mean" (the mini world's measured choice) | "sum"
+    id_dropout: float = 0.05  # share of diffusion-branch samples with the unconditional ID (trains the ID's CFG path)
     checkpoint_lightning: bool = True  # recompute each Lightning step in backward
     gradient_checkpointing: bool = False  # unet/vae.enable_gradient_checkpointing()
     mixed_precision: str = "bf16"  # "bf16" (autocast, CUDA only) | "no"
@@ -111,6 +126,10 @@ class RealTrainConfig:
             raise ValueError(f"lightning_batch must be in 1..batch ({self.batch}), got {self.lightning_batch}")
         if self.steps < 1 or self.checkpoint_every < 1:
             raise ValueError("steps and checkpoint_every must be >= 1")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.align_reduction not in losses.REDUCTIONS:
+            raise ValueError(f"align_reduction must be one of {losses.REDUCTIONS}, got {self.align_reduction!r}")
         self.align_prompts = tuple(self.align_prompts)
 
 
@@ -159,9 +178,10 @@ class FaceFolder(Dataset):
 
     def __init__(self, folder: str | Path, face_analysis, extractor: FeatureExtractor, resolution: int,
                  default_caption: str = DEFAULT_CAPTION, cache_dir: str | Path | None = None, device=None,
-                 progress: bool = False):
+                 progress: bool = False, parser=None):
         from PIL import Image
         self.resolution = resolution
+        self.parsed = parser is not None  # EVA's input: the official parsed 512 crop, or the 112 crop (in the cache key)
         self.paths, self.captions, self.conditions, skipped = [], [], [], []
         cache = Path(cache_dir) if cache_dir is not None else None
         files = list_images(folder)
@@ -170,7 +190,8 @@ class FaceFolder(Dataset):
             if cond is None:
                 image = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
                 try:
-                    id_vec, hidden = id_condition(image, face_analysis, extractor, name=path.name, device=device)
+                    id_vec, hidden = id_condition(image, face_analysis, extractor, name=path.name, device=device,
+                                                  parser=parser)
                 except ValueError as e:  # no face, no keypoints, ...
                     skipped.append(f"{path.name} ({e})")
                     continue
@@ -189,10 +210,10 @@ class FaceFolder(Dataset):
         if not self.paths:
             raise ValueError(f"no usable face image in {folder}")
 
-    @staticmethod
-    def _cache_file(cache: Path, path: Path) -> Path:
+    def _cache_file(self, cache: Path, path: Path) -> Path:
         st = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        view = "parsed512" if self.parsed else "crop112"
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{view}".encode()).hexdigest()[:16]
         return cache / f"{path.stem}-{key}.pt"
 
     def _cached(self, cache: Path | None, path: Path):
@@ -306,20 +327,28 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 class RealPuLIDStep(nn.Module):
     """``forward(batch, step) -> {loss terms}``. Only the adapter is a registered submodule (it is what DDP syncs);
-    the frozen pipeline and phi are kept outside the module tree. Must run inside ``adapter.installed(unet)``
-    (forward *and* backward: checkpointed steps re-run the UNet in backward)."""
+    the frozen pipeline, the Lightning UNet and phi are kept outside the module tree. Must run inside
+    ``adapter.installed(unet)`` and ``adapter.installed(lightning_unet)`` (forward *and* backward: checkpointed
+    steps re-run the UNet in backward); ``lightning_unet=None``: the Lightning branch on the pipeline's UNet
+    (what ``lightning_paths`` does with a pipeline loaded with Lightning weights)."""
 
-    def __init__(self, adapter: RealAdapter, pipeline, cfg: RealTrainConfig, face_recognizer: nn.Module | None = None):
+    def __init__(self, adapter: RealAdapter, pipeline, cfg: RealTrainConfig, face_recognizer: nn.Module | None = None,
+                 lightning_unet=None):
         super().__init__()
         self.adapter = adapter
         self.cfg = cfg
         self._frozen = {"pipeline": pipeline, "phi": face_recognizer, "noise": training_noise_scheduler(pipeline),
-                        "lightning": lightning_scheduler(pipeline, cfg.lightning_steps)}
+                        "lightning": lightning_scheduler(pipeline, cfg.lightning_steps),
+                        "lightning_unet": lightning_unet if lightning_unet is not None else pipeline.unet}
         self.rank = 0
 
     @property
     def pipeline(self):
         return self._frozen["pipeline"]
+
+    @property
+    def lightning_unet(self):
+        return self._frozen["lightning_unet"]
 
     def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         cfg, pipe = self.cfg, self.pipeline
@@ -327,7 +356,12 @@ class RealPuLIDStep(nn.Module):
         device = next(self.adapter.parameters()).device
         rng = np.random.default_rng((cfg.seed, step, self.rank, 1))
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        tokens = self.adapter.tokens(batch["id_vec"].to(device), [h.to(device) for h in batch["hidden_states"]])
+        id_vec, hidden = batch["id_vec"].to(device), [h.to(device) for h in batch["hidden_states"]]
+        tokens = self.adapter.tokens(id_vec, hidden)  # (B, N_id, C)
+        diff_tokens = tokens
+        if cfg.id_dropout:  # the unconditional ID for some samples: trains the path of CFG over the ID
+            kept = torch.from_numpy(rng.random(len(tokens)) >= cfg.id_dropout).to(device)
+            diff_tokens = torch.where(kept[:, None, None], tokens, self.adapter.uncond_tokens(id_vec, hidden))
 
         # -- diffusion branch: L_diff --------------------------------------------------------------------
         pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
@@ -352,7 +386,7 @@ class RealPuLIDStep(nn.Module):
             added = sdxl_added_cond(pooled, batch["original_size"], batch["crop_top_left"],
                                     (cfg.resolution, cfg.resolution), unet.dtype, device)
         pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype), added_cond_kwargs=added,
-                    cross_attention_kwargs=id_kwargs(tokens, cfg.id_scale)).sample
+                    cross_attention_kwargs=id_kwargs(diff_tokens, cfg.id_scale)).sample
         out = {"diff": losses.diffusion_loss(pred, target)}
 
         # -- Lightning branch: L_id (neutral prompt) and L_align (contamination prompts) ----------------------
@@ -369,22 +403,24 @@ class RealPuLIDStep(nn.Module):
             text_a, pooled_a = encode_text(pipe, prompts, device)
             paths = self.lightning(text_a, pooled_a, tokens[:n], self._noise(n, rng, device), with_plain=True)
             zero = pred.sum() * 0
-            out["align_sem"] = (losses.align_semantic_loss(paths.capture_id, paths.capture_plain)
+            red = cfg.align_reduction
+            out["align_sem"] = (losses.align_semantic_loss(paths.capture_id, paths.capture_plain, reduction=red)
                                 if cfg.lambda_sem else zero)
-            out["align_layout"] = (losses.align_layout_loss(paths.capture_id, paths.capture_plain)
+            out["align_layout"] = (losses.align_layout_loss(paths.capture_id, paths.capture_plain, reduction=red)
                                    if cfg.lambda_layout else zero)
         return pulid_objective(out, cfg.lambda_id, cfg.lambda_sem, cfg.lambda_layout)
 
     def _noise(self, n, rng, device):
-        unet, vae = self.pipeline.unet, self.pipeline.vae
+        unet, vae = self.lightning_unet, self.pipeline.vae
         side = self.cfg.resolution // vae_scale_factor(vae)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         return torch.randn(n, unet.config.in_channels, side, side, generator=g).to(device)
 
     def lightning(self, text, pooled, id_tokens, x_T, with_plain: bool = False) -> LightningOutput:
-        """The core's Lightning branch on latents: few-step sampling from x_T with the ID, differentiable through
-        the last ``grad_steps`` steps, and with ``with_plain`` also without it (captures for L_align)."""
-        cfg, unet = self.cfg, self.pipeline.unet
+        """The core's Lightning branch on latents, on the few-step UNet: sampling from x_T with the ID,
+        differentiable through the last ``grad_steps`` steps, and with ``with_plain`` also without it (captures for
+        L_align, with gradients at every step when ``align_every_step``)."""
+        cfg, unet = self.cfg, self.lightning_unet
         sched = self._frozen["lightning"]
         added = None
         if is_sdxl(unet):
@@ -392,7 +428,7 @@ class RealPuLIDStep(nn.Module):
             added = sdxl_added_cond(pooled, (r, r), (0, 0), (r, r), unet.dtype, x_T.device)
         return lightning_branch(unet, text, id_tokens, x_T.float(), cfg.id_scale, cfg.grad_steps, with_plain,
                                 len(sched.timesteps), cfg.checkpoint_lightning, capture=with_plain, scheduler=sched,
-                                added_cond_kwargs=added)
+                                added_cond_kwargs=added, graph_every_step=cfg.align_every_step)
 
 
 @dataclass
@@ -407,20 +443,21 @@ class LightningPaths:
 
 @torch.no_grad()
 def lightning_paths(pipeline, adapter: RealAdapter, id_tokens: torch.Tensor, prompt: str, resolution: int,
-                    seed: int = 0, id_scale: float = 1.0, steps: int = 4) -> LightningPaths:
+                    seed: int = 0, id_scale: float = 1.0, steps: int = 4, lightning_unet=None) -> LightningPaths:
     """What ``L_align`` compares, without training: ``RealPuLIDStep.lightning`` (``steps`` trailing DDIM steps, the
     sampler of the training branch; no CFG) from one x_T (``seed``) for ``prompt``, once with ``id_tokens``
     (1, N, D) and once without, with a ``Capture`` on every attn2 layer. Installs ``adapter`` itself; bf16
-    autocast on CUDA, as training. ``alignment_maps.loss_terms(p.cap_id, p.cap_plain)`` breaks the losses down
+    autocast on CUDA, as training. ``lightning_unet``: the few-step UNet (default: the pipeline's own, e.g. a pipeline
+    loaded with Lightning weights). ``alignment_maps.loss_terms(p.cap_id, p.cap_plain)`` breaks the losses down
     per layer and step."""
     device = id_tokens.device
     cfg = RealTrainConfig(resolution=resolution, id_scale=id_scale, lightning_steps=steps, use_accelerate=False)
-    step = RealPuLIDStep(adapter, pipeline, cfg)
+    step = RealPuLIDStep(adapter, pipeline, cfg, lightning_unet=lightning_unet)
     text, pooled = encode_text(pipeline, [prompt], device)
     side = resolution // vae_scale_factor(pipeline.vae)
-    x_T = torch.randn(1, pipeline.unet.config.in_channels, side, side,
+    x_T = torch.randn(1, step.lightning_unet.config.in_channels, side, side,
                       generator=torch.Generator().manual_seed(seed)).to(device)
-    with adapter.installed(pipeline.unet), autocast(device):
+    with adapter.installed(step.lightning_unet), autocast(device):
         out = step.lightning(text, pooled, id_tokens, x_T, with_plain=True)
     return LightningPaths(prompt, out.capture_id, out.capture_plain, out.image_id, out.image_plain)
 
@@ -524,12 +561,33 @@ def _autocast(cfg: RealTrainConfig, device: torch.device, accelerator):
     return contextlib.nullcontext()
 
 
+def check_lightning_unet(cfg: RealTrainConfig, unet, lightning_unet) -> None:
+    """Stages 2 and 3 need a few-step UNet of the base UNet's architecture, distinct from it (``ValueError`` else)."""
+    if cfg.stage == 1:
+        return
+    get = ("load it with pulid_lab.real.pipeline.load_unet(base_dir, 'sdxl_lightning_4step_unet.safetensors') "
+           "and pass lightning_unet=")
+    if lightning_unet is None:
+        raise ValueError(f"stage {cfg.stage} runs the Lightning branch (L_id, L_align) on a few-step UNet: {get}. The "
+                         f"base UNet at {cfg.lightning_steps} DDIM steps gives blurred faces, and L_id on them would "
+                         f"train the adapter on noise.")
+    if lightning_unet is unet:
+        raise ValueError(f"lightning_unet is the pipeline's own UNet: stage {cfg.stage} trains L_diff on the base "
+                         f"UNet and the Lightning branch on a second, few-step UNet; {get}")
+    ours, theirs = cross_attention_layers(unet), cross_attention_layers(lightning_unet)
+    if ours != theirs or unet.config.cross_attention_dim != lightning_unet.config.cross_attention_dim:
+        raise ValueError(f"lightning_unet does not have the base UNet's attention layers ({len(theirs)} attn2 layers "
+                         f"vs {len(ours)}): it must be the few-step UNet distilled from this base model")
+
+
 def train_real(cfg: RealTrainConfig, pipeline, adapter: RealAdapter, dataset: Dataset, out: str | Path,
-               face_recognizer: nn.Module | None = None, resume: bool = False, progress: bool = True,
-               stop_after: int | None = None) -> dict:
+               face_recognizer: nn.Module | None = None, lightning_unet=None, resume: bool = False,
+               progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``adapter`` (stage ``cfg.stage``) on ``dataset`` (a ``FaceFolder``) with the frozen ``pipeline``.
 
     ``face_recognizer``: a differentiable torch module for L_id (stages 2 and 3; see the module docstring).
+    ``lightning_unet``: the few-step UNet of the Lightning branch (stages 2 and 3; the diffusion branch stays on the
+    pipeline's base UNet).
     ``stop_after``: stop after that many total steps (to interrupt and ``resume`` later). Returns
     ``{"steps_done", "resumed_from_step", "log", "out"}``; writes ``out/adapter.safetensors`` + ``adapter.json``
     at the end, ``out/losses.csv``, and checkpoints under ``out/checkpoints``.
@@ -540,24 +598,31 @@ def train_real(cfg: RealTrainConfig, pipeline, adapter: RealAdapter, dataset: Da
     from ..core.objective import NonFiniteLoss
 
     if cfg.stage >= 2 and face_recognizer is None:
-        raise ValueError("stages 2 and 3 need face_recognizer: a differentiable torch face-embedding module "
-                         "(insightface's ONNX recognizer gives no gradients)")
+        raise ValueError("stages 2 and 3 need face_recognizer: a differentiable torch face-embedding module, e.g. "
+                         "pulid_lab.real.recognizer.load_face_embedder(antelopev2_root) (insightface's ONNX recognizer "
+                         "gives no gradients)")
     out = Path(out)
     unet, vae = pipeline.unet, pipeline.vae
-    for m in (unet, vae, getattr(pipeline, "text_encoder", None), getattr(pipeline, "text_encoder_2", None),
-              face_recognizer):
+    check_lightning_unet(cfg, unet, lightning_unet)
+    if cfg.stage == 1:
+        lightning_unet = None  # stage 1 has no Lightning branch
+    for m in (unet, lightning_unet, vae, getattr(pipeline, "text_encoder", None),
+              getattr(pipeline, "text_encoder_2", None), face_recognizer):
         if m is not None:
             m.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        for u in (unet, lightning_unet):
+            if u is not None:
+                u.enable_gradient_checkpointing()
         if getattr(vae, "_supports_gradient_checkpointing", False):
             vae.enable_gradient_checkpointing()
     accelerator = _make_accelerator(cfg)
     device = accelerator.device if accelerator is not None else unet.device
     if unet.device != device:  # one process per GPU: each holds its own copy of the frozen pipeline
         pipeline.to(device)
-    if face_recognizer is not None:
-        face_recognizer.to(device)
+    for m in (lightning_unet, face_recognizer):
+        if m is not None:
+            m.to(device)
     adapter.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, log = 0, []
@@ -570,7 +635,7 @@ def train_real(cfg: RealTrainConfig, pipeline, adapter: RealAdapter, dataset: Da
             state = json.loads((ckpt / "state.json").read_text())
             start, log = state["step"], state["log"]
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    module = RealPuLIDStep(adapter, pipeline, cfg, face_recognizer)
+    module = RealPuLIDStep(adapter, pipeline, cfg, face_recognizer, lightning_unet)
     replicas = accelerator.num_processes if accelerator is not None else 1
     loader = DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch, cfg.seed, start, end, replicas),
                         collate_fn=collate, num_workers=cfg.num_workers)
@@ -581,7 +646,10 @@ def train_real(cfg: RealTrainConfig, pipeline, adapter: RealAdapter, dataset: Da
         main = accelerator.is_main_process
     bar = tqdm(range(start, end), desc=f"stage {cfg.stage}", initial=start, total=cfg.steps,
                disable=not (progress and main))
-    with adapter.installed(unet):
+    with contextlib.ExitStack() as installed:
+        for u in (unet, lightning_unet):  # the same ID projections in both UNets
+            if u is not None:
+                installed.enter_context(adapter.installed(u))
         for step, batch in zip(bar, loader):
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)) if cfg.warmup_steps else cfg.lr
             for g in opt.param_groups:

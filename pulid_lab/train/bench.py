@@ -59,14 +59,16 @@ def hook_overhead(batch=16) -> float:
     return hooked / plain
 
 
-def lightning_step(k: int, use_checkpoint: bool, batch: int = 8) -> dict:
-    """One Lightning-branch training step (both paths, L_align + an image loss, backward); memory growth and time."""
+def lightning_step(k: int, use_checkpoint: bool, batch: int = 8, every_step: bool = False) -> dict:
+    """One Lightning-branch training step (both paths, L_align + an image loss, backward); memory growth and time.
+    ``every_step``: the alignment loss trains at every step (``graph_every_step``), the image loss through the last k."""
     base, adapter, emb, feats, text = _setup(batch)
     x_T = initial_noise(batch, 0)
     rss0 = _rss_kib()
     t0 = time.perf_counter()
     with adapter.installed(base.unet):
-        out = lightning_branch(base.unet, text, adapter.tokens(emb, feats), x_T, grad_steps=k, use_checkpoint=use_checkpoint)
+        out = lightning_branch(base.unet, text, adapter.tokens(emb, feats), x_T, grad_steps=k, use_checkpoint=use_checkpoint,
+                               graph_every_step=every_step)
         loss = losses.align_loss(out.capture_id, out.capture_plain)[0] + out.image_id.square().mean()
         loss.backward()
     return {"seconds": time.perf_counter() - t0, "peak_growth_mib": (_peak_kib() - rss0) / 1024}
@@ -88,9 +90,9 @@ def _peak_kib():
     return _status("VmHWM:")
 
 
-def _in_subprocess(k, use_checkpoint):
+def _in_subprocess(k, use_checkpoint, every_step=False):
     code = (f"import json, torch; torch.manual_seed(0); from pulid_lab.train.bench import lightning_step; "
-            f"print(json.dumps(lightning_step({k}, {use_checkpoint})))")
+            f"print(json.dumps(lightning_step({k}, {use_checkpoint}, every_step={every_step})))")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -166,6 +168,8 @@ def run() -> dict:
     by_k = {k: _in_subprocess(k, True) for k in (1, 2, 3, 4)}
     k1, k4 = by_k[1], by_k[4]
     k1n, k4n = _in_subprocess(1, False), _in_subprocess(4, False)
+    # alignment at every step (the paper) vs only through the last k = 1 step: both checkpointed per step
+    every1 = _in_subprocess(1, True, every_step=True)
     report = {
         "hook_overhead": hook_overhead(),
         "lightning_memory_k4_over_k1": k4["peak_growth_mib"] / k1["peak_growth_mib"],
@@ -173,7 +177,10 @@ def run() -> dict:
         "lightning_time_k4_over_k1": k4["seconds"] / k1["seconds"],
         "lightning_step_mib": {**{f"k{k}": round(v["peak_growth_mib"], 1) for k, v in by_k.items()},
                                "k1_no_checkpoint": round(k1n["peak_growth_mib"], 1),
-                               "k4_no_checkpoint": round(k4n["peak_growth_mib"], 1)},
+                               "k4_no_checkpoint": round(k4n["peak_growth_mib"], 1),
+                               "k1_align_every_step": round(every1["peak_growth_mib"], 1)},
+        "lightning_memory_align_every_step_over_last_step": every1["peak_growth_mib"] / k1["peak_growth_mib"],
+        "lightning_time_align_every_step_over_last_step": every1["seconds"] / k1["seconds"],
         # k = 1 never needs gradients below the first attn2 layer (the full-resolution level); every k >= 2 does
         "lightning_memory_k4_over_k2": by_k[4]["peak_growth_mib"] / by_k[2]["peak_growth_mib"],
         "align_loss_fraction": align_loss_fraction(),

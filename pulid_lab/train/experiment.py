@@ -46,6 +46,7 @@ class Experiment:
     # mini UNet). Measured (quick budgets, 96 test rows): the sum at lambda 0.6/0.1 kept 65% of Stage 2's Face Sim,
     # the mean 87% (4 Lightning ID samples per step) and 79% (8, the main job's run)
     align_reduction: str = _TRAINING.align_reduction
+    align_every_step: bool = _TRAINING.align_every_step  # stage 3: alignment gradients at every Lightning step
     lr: float = _TRAINING.lr  # every stage
     face_weight: float = _TRAINING.face_weight  # every stage: the face box weighs 1 + face_weight in L_diff
     id_dropout: float = _TRAINING.id_dropout  # every stage: unconditional ID tokens for this share of L_diff's samples
@@ -117,7 +118,8 @@ class Experiment:
         if stage >= 2:
             kw.update(id_loss=self.id_loss, grad_steps=self.grad_steps, lambda_id=self.lambda_id)
         if stage == 3:
-            kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout, align_reduction=self.align_reduction)
+            kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout, align_reduction=self.align_reduction,
+                      align_every_step=self.align_every_step)
         asked = (self.stage1_steps, self.stage2_steps, self.stage3_steps)[stage - 1]
         kw["steps"] = asked or (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
         return PuLIDTraining(**kw)
@@ -128,7 +130,7 @@ class Experiment:
 
 # Training options added after stages had been trained: at these values they change nothing, so they stay out of
 # the key and stages trained before the option existed keep their key (and are reused).
-KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0}
+KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0, "align_every_step": False}
 
 
 def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, bank_variants: int) -> str:
@@ -141,6 +143,8 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, b
     config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
     if cfg.stage == 1 or (cfg.stage == 2 and cfg.id_loss == "naive"):  # k shapes only the Lightning branch, which
         config.pop("grad_steps")  # Stage 1 and the naive row never run
+    if cfg.stage != 3:
+        config.pop("align_every_step", None)  # only Stage 3 aligns
     blob = json.dumps([config, parent, models, {"bank_variants": bank_variants}], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

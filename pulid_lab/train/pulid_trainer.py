@@ -6,7 +6,9 @@ projections train; the original model and every recognizer stay frozen.
 - Stage 2: + lambda_id L_id, on the Lightning branch with the neutral prompt (``id_loss='lightning'``) or on
   the one-step x0_hat of the diffusion branch (``id_loss='naive'``, the baseline row).
 - Stage 3: + L_align (lambda_sem, lambda_layout) on the two Lightning paths (with and without ID, same x_T and
-  prompt) for prompts chosen to reveal contamination, over all attn2 layers and all sampler steps.
+  prompt) for prompts chosen to reveal contamination, over all attn2 layers and all sampler steps; its gradient
+  comes from every step with ``align_every_step``, else only from the last ``grad_steps`` steps (the earlier
+  steps' captures are then constants).
 
 Batches are a pure function of (seed, step); the adapter, optimiser and log are checkpointed every
 ``checkpoint_every`` steps, so ``resume=True`` continues an interrupted run and loses at most that many steps.
@@ -66,6 +68,9 @@ class PuLIDTraining:
     # k = 1 and k = 4 reach the same Face Sim (0.41) while a k = 1 step costs ~0.6x; the paper allows k = 1 (41 GB vs
     # 63 GB on SDXL) and its authors advise backpropagating only through the last steps
     grad_steps: int = 1
+    # stage 3: the alignment loss trains the adapter at every Lightning step (each step's graph from a detached input,
+    # as the paper), not only through the last grad_steps steps; L_id's gradient stays on the last grad_steps steps
+    align_every_step: bool = False
     steps: int = 1000
     batch: int = 16  # diffusion branch
     lightning_batch: int = 8  # Lightning branch of the ID loss
@@ -187,7 +192,7 @@ class PuLIDTrainer:
             prompts = [ALIGN_PROMPTS[j] for j in rng.integers(len(ALIGN_PROMPTS), size=n)]
             x_T = initial_noise(n, [int(s) for s in rng.integers(2**31, size=n)], dev)
             br = lightning_branch(self.base.unet, self.base.encode(prompts), tokens[:n], x_T, grad_steps=cfg.grad_steps,
-                                  use_checkpoint=cfg.lightning_checkpoint)
+                                  use_checkpoint=cfg.lightning_checkpoint, graph_every_step=cfg.align_every_step)
             red = cfg.align_reduction
             out["align_sem"] = (losses.align_semantic_loss(br.capture_id, br.capture_plain, reduction=red)
                                 if cfg.lambda_sem else v_hat.sum() * 0)
