@@ -9,17 +9,20 @@ Environment variables (paths on the GPU machine):
   EVA_CLIP         open_clip EVA02-L-14-336 checkpoint (open_clip_pytorch_model.bin); needs open_clip_torch optional
                    (without it the EVA part of the condition is zeros: shapes and timings only)
   PULID_V1         the official pulid_v1.bin (needs EVA_CLIP to be meaningful)                             optional
+  FACE_PARSER      facexlib's parsing_bisenet.pth (needs facexlib): EVA sees the official parsed face      optional
   FACE_IMAGE       reference photo (default: insightface's bundled Tom_Hanks_54745.png, padded)            optional
-  FACE_DIR         tiny folder of face photos (+ .txt captions) for a 3-step stage-1 training smoke        optional
+  FACE_DIR         folder of face photos (+ .txt captions) to train on (default: the reference alone)     optional
   OUT              output folder (default ./gpu_check_out)                                                 optional
 
 What it does, timing each phase and recording torch.cuda.max_memory_allocated: loads the SDXL pipeline in bf16
 with the Lightning UNet, loads the official v1 weights if given, detects the reference face, generates 4-step
 images (DPM-Solver++ trailing, CFG 1.2, id_scale 0.8, as the official inference) with and without the ID for two
 prompts, runs the training Lightning branch (4 DDIM trailing steps) with and without the ID with
-pulid_lab.core.attention.Capture on every attn2 and reports the alignment losses between the two paths, optionally
-a 3-step stage-1 training smoke (and, with --stage23, one step of stage 2 and one of stage 3 with a random
-stand-in recognizer: memory and time only). Writes OUT/grid.png and OUT/report.json.
+pulid_lab.core.attention.Capture on every attn2 and reports the alignment losses between the two paths, then trains
+a few steps of stage 1 (L_diff on the base SDXL UNet) and, unless --stage1-only, one step each of stages 2 and 3
+(the Lightning branch on the Lightning UNet, L_id through antelopev2's recognizer converted to torch, alignment at
+every step), and generates again with the trained adapter. Face Sim is reported twice: by insightface
+(onnxruntime) and by the converted recognizer. Writes OUT/grid.png and OUT/report.json.
 """
 from __future__ import annotations
 
@@ -38,9 +41,9 @@ def parse(argv=None):
     p.add_argument("--resolution", type=int, default=1024, help="image side (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--id-scale", type=float, default=0.8)
-    p.add_argument("--train-steps", type=int, default=3, help="stage-1 smoke steps when FACE_DIR is set")
+    p.add_argument("--train-steps", type=int, default=3, help="stage-1 steps")
     p.add_argument("--train-resolution", type=int, default=1024)
-    p.add_argument("--stage23", action="store_true", help="also one step of stage 2 and one of stage 3 (k=1)")
+    p.add_argument("--stage1-only", action="store_true", help="skip the one step of stage 2 and of stage 3 (k=1)")
     p.add_argument("--check-only", action="store_true", help="only check the variables and files, then exit")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (very slow; for debugging only)")
     return p.parse_args(argv)
@@ -52,14 +55,15 @@ def fail(msg: str, code: int = 2):
 
 
 def check_env() -> dict:
-    env = {k: os.environ.get(k) for k in (*REQUIRED, "EVA_CLIP", "PULID_V1", "FACE_IMAGE", "FACE_DIR", "OUT")}
+    env = {k: os.environ.get(k) for k in (*REQUIRED, "EVA_CLIP", "PULID_V1", "FACE_PARSER", "FACE_IMAGE", "FACE_DIR",
+                                          "OUT")}
     missing = [k for k in REQUIRED if not env[k]]
     if missing:
         fail(f"set {', '.join(missing)} (see --help): e.g. SDXL_DIR=/w/sdxl-base LIGHTNING_UNET="
              f"/w/sdxl_lightning_4step_unet.safetensors ANTELOPEV2_ROOT=/w/insightface")
     checks = [("SDXL_DIR", Path(env["SDXL_DIR"]) / "model_index.json"), ("LIGHTNING_UNET", Path(env["LIGHTNING_UNET"])),
               ("ANTELOPEV2_ROOT", Path(env["ANTELOPEV2_ROOT"]) / "models" / "antelopev2")]
-    for key in ("EVA_CLIP", "PULID_V1", "FACE_IMAGE"):
+    for key in ("EVA_CLIP", "PULID_V1", "FACE_PARSER", "FACE_IMAGE"):
         if env[key]:
             checks.append((key, Path(env[key])))
     if env["FACE_DIR"]:
@@ -106,13 +110,14 @@ def main(argv=None):
         return 0
     t_start = time.time()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import numpy as np
     import torch
     from PIL import Image
 
     from pulid_lab.core import losses
+    from pulid_lab.real import eva_input, recognizer
     from pulid_lab.real import pipeline as real
     from pulid_lab.real import train as real_train
-    from pulid_lab.real.tiny import TinyRecognizer
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         fail("no CUDA device (pass --allow-cpu to try anyway)")
@@ -154,7 +159,9 @@ def main(argv=None):
         else:  # insightface's Tom_Hanks_54745.png, padded so that the detector finds the face
             ref_path, ref = real.default_reference()
         ref_emb, crop = real.reference_face(ref, app, name=ref_path.name)
-        id_vec, hidden = real.id_condition(ref, app, extractor, name=ref_path.name, device=device)
+        parser = eva_input.load_face_parser(env["FACE_PARSER"], device=device) if env["FACE_PARSER"] else None
+        report["face_parser"] = env["FACE_PARSER"]
+        id_vec, hidden = real.id_condition(ref, app, extractor, name=ref_path.name, device=device, parser=parser)
         with torch.no_grad():
             cond = adapter.tokens(id_vec, hidden)
             uncond = adapter.uncond_tokens(id_vec, hidden)
@@ -186,32 +193,64 @@ def main(argv=None):
             del paths
         report["align_losses"] = align
 
-    if env["FACE_DIR"]:
-        with phase("train_stage1_smoke"):
-            ds = real_train.FaceFolder(env["FACE_DIR"], app, extractor, args.train_resolution, device=device)
-            tcfg = real_train.RealTrainConfig(stage=1, steps=args.train_steps, resolution=args.train_resolution,
-                                              gradient_checkpointing=True, use_accelerate=False,
-                                              checkpoint_every=args.train_steps)
-            r = real_train.train_real(tcfg, pipe, adapter, ds, out / "train_stage1", progress=False)
-            report["train_stage1"] = r["log"]
-        if args.stage23:
-            phi = TinyRecognizer().to(device)  # random stand-in: memory/time only
-            for stage in (2, 3):
-                with phase(f"train_stage{stage}_smoke_k1"):
-                    tcfg = real_train.RealTrainConfig(stage=stage, steps=1, resolution=args.train_resolution,
-                                                      grad_steps=1, gradient_checkpointing=True, use_accelerate=False)
-                    r = real_train.train_real(tcfg, pipe, adapter, ds, out / f"train_stage{stage}", face_recognizer=phi,
-                                              progress=False)
-                    report[f"train_stage{stage}"] = r["log"]
+    with phase("load_training_models"):
+        base_unet = real.load_unet(env["SDXL_DIR"], device=device, dtype=dtype)  # L_diff trains on the base UNet
+        train_pipe = real.with_unet(pipe, base_unet)  # shares the VAE and the text encoders with `pipe`
+        phi = recognizer.load_face_embedder(env["ANTELOPEV2_ROOT"]).to(device)  # differentiable antelopev2
+    face_dir = Path(env["FACE_DIR"]) if env["FACE_DIR"] else out / "faces"
+    if not env["FACE_DIR"]:
+        face_dir.mkdir(exist_ok=True)
+        Image.fromarray(ref).save(face_dir / f"{ref_path.stem}.png")
+    ds = real_train.FaceFolder(face_dir, app, extractor, args.train_resolution, device=device, parser=parser)
+    adapter.train()
+    train = dict(resolution=args.train_resolution, gradient_checkpointing=True, use_accelerate=False, lr=1e-5)
+    with phase("train_stage1"):
+        tcfg = real_train.RealTrainConfig(stage=1, steps=args.train_steps, checkpoint_every=args.train_steps, **train)
+        r = real_train.train_real(tcfg, train_pipe, adapter, ds, out / "train_stage1", progress=False)
+        report["train_stage1"] = r["log"]
+    if not args.stage1_only:
+        for stage in (2, 3):
+            with phase(f"train_stage{stage}_k1"):
+                tcfg = real_train.RealTrainConfig(stage=stage, steps=1, grad_steps=1, checkpoint_every=1, **train)
+                r = real_train.train_real(tcfg, train_pipe, adapter, ds, out / f"train_stage{stage}",
+                                          face_recognizer=phi, lightning_unet=pipe.unet, progress=False)
+                report[f"train_stage{stage}"] = r["log"]
+    adapter.eval()
+    del base_unet, train_pipe
 
-    # grid: rows = prompts; columns = reference crop, without ID, with ID
+    with phase("generate_after_training"):
+        with torch.no_grad():
+            cond, uncond = adapter.tokens(id_vec, hidden), adapter.uncond_tokens(id_vec, hidden)
+        for i, prompt in enumerate(prompts):
+            img = real.generate(pipe, prompt, adapter, cond, uncond, id_scale=args.id_scale, steps=4,
+                                guidance_scale=1.2, seed=args.seed + i, size=res)
+            images[(i, "trained")] = img
+            img.save(out / f"prompt{i}_trained.png")
+
+    with phase("face_sim_converted_recognizer"):
+        def pixels(im):  # PIL / uint8 RGB -> (1, 3, H, W) in [-1, 1]
+            return torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(device)
+        with torch.no_grad():
+            ref_feat = phi(pixels(ref))
+            for key, img in images.items():
+                i, kind = key
+                name = f"prompt{i}_{kind if isinstance(kind, str) else ('id' if kind else 'plain')}"
+                report.setdefault("face_sim_converted", {})[name] = round(
+                    float(torch.nn.functional.cosine_similarity(phi(pixels(img)), ref_feat)), 4)
+        report["face_sim_converted_misses"] = int(phi.misses)
+        for i in range(len(prompts)):
+            sim = real.face_similarity(images[(i, "trained")], ref_emb, app, name=f"prompt{i}_trained")
+            sims[f"prompt{i}_trained"] = None if sim is None else round(sim, 4)
+
+    # grid: rows = prompts; columns = reference crop, without ID, with ID, with the adapter after the training steps
     cell = 256
-    grid = Image.new("RGB", (3 * cell, len(prompts) * cell), "white")
+    grid = Image.new("RGB", (4 * cell, len(prompts) * cell), "white")
     crop_img = Image.fromarray(crop).resize((cell, cell))
     for i in range(len(prompts)):
         grid.paste(crop_img, (0, i * cell))
         grid.paste(images[(i, False)].resize((cell, cell)), (cell, i * cell))
         grid.paste(images[(i, True)].resize((cell, cell)), (2 * cell, i * cell))
+        grid.paste(images[(i, "trained")].resize((cell, cell)), (3 * cell, i * cell))
     grid.save(out / "grid.png")
     report["total_seconds"] = round(time.time() - t_start, 1)
     peaks = [p["max_memory_allocated_gb"] for p in report["phases"].values() if "max_memory_allocated_gb" in p]

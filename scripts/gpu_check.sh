@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end GPU check of pulid_lab's real tier from local weights (see `scripts/gpu_check.sh --help`).
 #   SDXL_DIR=... LIGHTNING_UNET=... ANTELOPEV2_ROOT=... [EVA_CLIP=...] [PULID_V1=...] [FACE_DIR=...] \
-#     scripts/gpu_check.sh [--stage23]
+#     scripts/gpu_check.sh [--stage1-only]
 # Runs under `timeout ${GPU_CHECK_TIMEOUT:-600}` seconds with ${PYTHON:-python}; output in ${OUT:-gpu_check_out}.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
