@@ -38,15 +38,18 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     assert k4[0] == ka[0] and k4[1] != ka[1]  # ... but the Lightning Stage 2
     kd = chain(Experiment(profile="smoke", id_source="other"))
     assert len(set(kd) & set(ka)) == 0  # the ID source shapes every stage
-    assert chain(Experiment(profile="smoke", id_scale=0.5, ortho="ortho_v2")) == kb  # inference knobs train nothing
-    assert Experiment(profile="smoke").stage_training(3).lambda_sem == 0.6
+    default = chain(Experiment(profile="smoke"))
+    assert chain(Experiment(profile="smoke", id_scale=0.5, ortho="ortho_v2")) == default  # inference knobs train nothing
+    assert Experiment(profile="smoke").stage_training(3).lambda_sem == 0.15  # a quarter of the paper's 0.6
     # the options added later shape every stage when set, and leave the key as it was at their neutral value
     ke = chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=4.0))
     assert len(set(ke) & set(kb)) == 0
     assert chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=0.0, id_dropout=0.0)) == kb
-    kg = chain(Experiment(profile="smoke", lambda_sem=0.6, align_every_step=True))
+    kg = chain(Experiment(profile="smoke", lambda_sem=0.6, align_every_step=False))
     assert kg[:2] == kb[:2] and kg[2] != kb[2]  # alignment at every Lightning step shapes Stage 3 only
-    assert chain(Experiment(profile="smoke", lambda_sem=0.6, align_every_step=False)) == kb
+    from pulid_lab.train.experiment import STAGE3_ONLY
+    old = chain(Experiment(profile="smoke", **STAGE3_ONLY))  # the Stage 3 defaults before alignment at every step
+    assert old[:2] == kb[:2]  # Stage 3's defaults do not shape the keys of Stages 1 and 2
     kf = chain(Experiment(profile="smoke", lambda_sem=0.6, stage2_steps=5))
     assert kf[0] == kb[0] and kf[1] != kb[1]  # a stage's own budget shapes it and what follows
 
@@ -148,3 +151,16 @@ def test_numbers_written_as_yaml_reads_them_are_taken_and_wrong_types_refused():
         Experiment(lr="fast")
     with pytest.raises(ValueError, match="reconstruction must be a bool"):
         Experiment(reconstruction="yes")
+
+
+def test_the_main_jobs_stages_ship_with_the_models():
+    """`make demo` (quick, seed 0) finds every stage of every Table 2 row among the shipped stages: a change of a
+    default that silently changes a key (and would make the main job retrain for 1.5 h) fails here."""
+    from pathlib import Path
+
+    from pulid_lab.train.experiment import shipped_stages_dir, stage_dirs
+    from pulid_lab.train.reproduce import ROWS, row_experiment
+    shipped = {p.name for p in shipped_stages_dir().iterdir() if (p / "adapter.safetensors").exists()}
+    for row in ROWS:
+        needed = {d.name for d in stage_dirs(row_experiment(row, "quick", 0), Path("unused"))}
+        assert needed <= shipped, f"{row}: {sorted(needed - shipped)} not shipped"

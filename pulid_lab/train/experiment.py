@@ -131,6 +131,9 @@ class Experiment:
 # Training options added after stages had been trained: at these values they change nothing, so they stay out of
 # the key and stages trained before the option existed keep their key (and are reused).
 KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0, "align_every_step": False}
+# Knobs only Stage 3 uses: earlier stages are keyed with these fixed values (the defaults they had when the shipped
+# stages were trained), so a change of Stage 3's defaults leaves Stage 1's and Stage 2's keys as they were
+STAGE3_ONLY = {"lambda_sem": 0.6, "lambda_layout": 0.1, "align_reduction": "mean", "align_every_step": False}
 
 
 def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, bank_variants: int) -> str:
@@ -143,8 +146,11 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, b
     config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
     if cfg.stage == 1 or (cfg.stage == 2 and cfg.id_loss == "naive"):  # k shapes only the Lightning branch, which
         config.pop("grad_steps")  # Stage 1 and the naive row never run
-    if cfg.stage != 3:
-        config.pop("align_every_step", None)  # only Stage 3 aligns
+    if cfg.stage != 3:  # only Stage 3 aligns
+        for k, v in STAGE3_ONLY.items():
+            config.pop(k, None)
+            if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k]):
+                config[k] = v
     blob = json.dumps([config, parent, models, {"bank_variants": bank_variants}], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

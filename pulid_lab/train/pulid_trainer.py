@@ -58,8 +58,12 @@ class PuLIDTraining:
     stage: int = 1
     id_loss: str = "lightning"  # lightning | naive (stages 2 and 3)
     id_source: str = "same"  # same | other
-    lambda_sem: float = losses.LAMBDA_SEM
-    lambda_layout: float = losses.LAMBDA_LAYOUT
+    # alignment weights: a quarter of the paper's 0.6 / 0.1. With alignment at every Lightning step (below) the paper's
+    # weights erased two thirds of the identity Stage 2 had gained (validation, quick: Face Sim 0.514 -> 0.358); of
+    # 1, 1/4 and 1/8 of them, lesson 05's rule (prompt score within 0.03 of the best, then the highest Face Sim)
+    # picked 1/4 (docs/results.md, 2026-12-03)
+    lambda_sem: float = losses.LAMBDA_SEM / 4
+    lambda_layout: float = losses.LAMBDA_LAYOUT / 4
     lambda_id: float = losses.LAMBDA_ID
     # L_align over the (layer, step) pairs: 'sum' as the paper writes it, or 'mean' (sum / pairs): the mini
     # world's default, see experiment.Experiment.align_reduction for the measurement behind it
@@ -68,9 +72,10 @@ class PuLIDTraining:
     # k = 1 and k = 4 reach the same Face Sim (0.41) while a k = 1 step costs ~0.6x; the paper allows k = 1 (41 GB vs
     # 63 GB on SDXL) and its authors advise backpropagating only through the last steps
     grad_steps: int = 1
-    # stage 3: the alignment loss trains the adapter at every Lightning step (each step's graph from a detached input,
-    # as the paper), not only through the last grad_steps steps; L_id's gradient stays on the last grad_steps steps
-    align_every_step: bool = False
+    # stage 3: the alignment loss trains the adapter at every Lightning step (each step's graph from a detached input),
+    # as the paper's sum over steps says; False: only through the last grad_steps steps (the earlier steps' captures
+    # are then constants: with k = 1, Stage 3 hardly moved prompt score or purity). L_id stays on the last k steps
+    align_every_step: bool = True
     steps: int = 1000
     batch: int = 16  # diffusion branch
     lightning_batch: int = 8  # Lightning branch of the ID loss
