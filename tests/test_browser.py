@@ -62,7 +62,10 @@ def lab_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     token = "pulid-lab-browser-check"
-    env = {**os.environ, "CI": "true", "PULID_LAB_RUNS": str(root / "runs"),
+    # TQDM_DISABLE: no progress widgets in the kernels. Under heavy CPU load (other jobs beside the suite) a kernel
+    # streaming progress-bar updates was seen to finish its cells while the page never heard of it (cells left at
+    # [*], kernel idle); the check is about the explorers, which stay widgets
+    env = {**os.environ, "CI": "true", "TQDM_DISABLE": "1", "PULID_LAB_RUNS": str(root / "runs"),
            "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"), "JUPYTERLAB_SETTINGS_DIR": str(root / "settings"),
            "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
     server = subprocess.Popen(
