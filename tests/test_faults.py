@@ -52,11 +52,16 @@ def _adapter(stages: Path, stage: int) -> dict:
 def test_kill_9_inside_each_stage_resumes_to_the_uninterrupted_weights(smoke_models, tmp_path):
     from pulid_lab.train.experiment import Experiment, train_chain
     models, _ = smoke_models
-    ref = tmp_path / "ref"
-    train_chain(Experiment(**CHAIN), ref, models, device="cpu", progress=False, pretrained=False)
+    code = TRAIN_CHAIN.format(chain=CHAIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in every run: the same float reductions, bit for bit
+    ref, threads = tmp_path / "ref", torch.get_num_threads()  # the uninterrupted run, here
+    torch.set_num_threads(1)
+    try:
+        train_chain(Experiment(**CHAIN), ref, models, device="cpu", progress=False, pretrained=False)
+    finally:
+        torch.set_num_threads(threads)
 
-    stages, code = tmp_path / "killed", TRAIN_CHAIN.format(chain=CHAIN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stages = tmp_path / "killed"
     for stage in (1, 2, 3):  # start, wait for the stage's first checkpoint, kill -9 in the middle of the stage
         proc = subprocess.Popen([sys.executable, "-c", code, str(stages), str(models)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
