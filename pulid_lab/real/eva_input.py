@@ -66,22 +66,24 @@ def alignment_matrix(kps: np.ndarray, template: np.ndarray = FFHQ_TEMPLATE_512) 
         raise ValueError("keypoints contain non-finite values")
     matrix, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.LMEDS)
     if matrix is None or not np.isfinite(matrix).all():
-        matrix = _least_squares_similarity(src, dst)
+        matrix = similarity_lstsq(src, dst)
     return np.asarray(matrix, np.float64)
 
 
-def _least_squares_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Closed-form least-squares similarity src -> dst (2x3); with x' = a x - b y + tx, y' = b x + a y + ty."""
-    src, dst = src.astype(np.float64), dst.astype(np.float64)
+def similarity_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2x3 [sR | t] minimising sum_i |s R src_i + t - dst_i|^2 over scale s, rotation R, translation t
+    (Umeyama 1991; what skimage's SimilarityTransform.estimate solves). src, dst: (N, 2). Also the recognizer's
+    alignment (``recognizer.keypoints_matrix``)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
     mu_s, mu_d = src.mean(0), dst.mean(0)
-    s, d = src - mu_s, dst - mu_d
-    denom = (s ** 2).sum()
-    if denom <= 1e-12:
-        raise ValueError("degenerate keypoints: all 5 lie on one point")
-    a = (s * d).sum() / denom
-    b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum() / denom
-    rot = np.array([[a, -b], [b, a]])
-    return np.concatenate([rot, (mu_d - rot @ mu_s)[:, None]], 1)
+    a, b = src - mu_s, dst - mu_d  # (N, 2) centred
+    if a.var(0).sum() <= 1e-12:
+        raise ValueError("degenerate keypoints: all of them lie on one point")
+    u, sig, vt = np.linalg.svd(b.T @ a / len(src))  # cross-covariance (2, 2)
+    d = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])  # no reflection
+    r = u @ np.diag(d) @ vt  # (2, 2) rotation
+    s = (sig * d).sum() / a.var(0).sum()  # scale
+    return np.hstack([s * r, (mu_d - s * r @ mu_s)[:, None]])
 
 
 def align_face_512(image_rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:

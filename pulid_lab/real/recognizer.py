@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .eva_input import similarity_lstsq
 from .pipeline import RECOGNIZER_FILES, load_face_analysis
 
 ARCFACE_SIZE = 112  # side of the aligned crop the ArcFace ResNets take
@@ -192,18 +193,6 @@ def largest_face_keypoints(detector, img_bgr: np.ndarray) -> np.ndarray | None:
         return None
     area = (bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])
     return np.asarray(kpss[int(np.argmax(area))], np.float64)
-
-
-def similarity_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """2x3 [sR | t] minimising sum_i |s R src_i + t - dst_i|^2 over scale s, rotation R, translation t
-    (Umeyama 1991; what skimage's SimilarityTransform.estimate solves). src, dst: (N, 2)."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d  # (N, 2) centred
-    u, sig, vt = np.linalg.svd(b.T @ a / len(src))  # cross-covariance (2, 2)
-    d = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])  # no reflection
-    r = u @ np.diag(d) @ vt  # (2, 2) rotation
-    s = (sig * d).sum() / a.var(0).sum()  # scale
-    return np.hstack([s * r, (mu_d - s * r @ mu_s)[:, None]])
 
 
 def keypoints_matrix(kps: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
