@@ -23,9 +23,10 @@ demo: $(STAMP)
 	$(BIN)/pulid-lab world --out figures/toyfaces.png
 	$(BIN)/pulid-lab reproduce --profile quick --seeds 1 --out runs/reproduce --figures figures
 
-# unit tests, then every notebook top to bottom under nbval in smoke mode (CI=true selects the smoke profile)
+# unit tests (two processes, one file each at a time, one torch thread each), then every notebook top to bottom
+# under nbval in smoke mode (CI=true selects the smoke profile)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 	CI=$${CI:-true} $(BIN)/python -m pytest -q --durations=10 --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
 

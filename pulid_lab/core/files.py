@@ -27,7 +27,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     full disk) removes its tmp file and says so in one sentence; what was finished before stays on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers of one file never share it
     try:
         write(tmp)
         os.replace(tmp, path)
