@@ -1,4 +1,7 @@
 """Experiment configs: validation, and which knobs shape which stage (so grids share the stages they can)."""
+import json
+import os
+
 import pytest
 
 from pulid_lab.lessons.lab import committed_figure, figure_path, runs_dir
@@ -164,3 +167,18 @@ def test_the_main_jobs_stages_ship_with_the_models():
     for row in ROWS:
         needed = {d.name for d in stage_dirs(row_experiment(row, "quick", 0), Path("unused"))}
         assert needed <= shipped, f"{row}: {sorted(needed - shipped)} not shipped"
+
+
+def test_a_results_adapter_path_survives_moving_the_run_folder(tmp_path):
+    """A grid cell's result.json names its adapter relative to itself: the folder moved elsewhere still finds it."""
+    from pulid_lab.train.experiment import adapter_of, write_result
+    run = tmp_path / "run"
+    adapter = run / "stages" / "stage3-abc"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter.safetensors").write_bytes(b"x")
+    result_path = write_result(run / "cells" / "cell-0" / "result.json", {"face_sim": 0.5, "adapter": str(adapter)})
+    assert json.loads(result_path.read_text())["adapter"] == os.path.join("..", "..", "stages", "stage3-abc")
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run.rename(moved)
+    assert (adapter_of(moved / "cells" / "cell-0" / "result.json") / "adapter.safetensors").read_bytes() == b"x"

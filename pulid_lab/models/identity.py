@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import VIEWS
+from ..core.files import atomic_write
 from ..core.imaging import align_faces, to_tensor, to_uint8
 from ..world.data import as_image_batch
 from . import checkpoints
@@ -26,14 +27,14 @@ def export_recognizer_onnx(recognizer: nn.Module, path: Path) -> Path:
     path = Path(path)
     recognizer = recognizer.eval().cpu()
     dummy = torch.zeros(1, 3, ONNX_SIZE, ONNX_SIZE)
-    tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(recognizer, (dummy,), str(tmp), input_names=["input"],
-                          output_names=["embedding"], dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    tmp.replace(path)
-    return path
+
+    def write(tmp):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(recognizer, (dummy,), str(tmp), input_names=["input"], output_names=["embedding"],
+                              dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+    return atomic_write(path, write)
 
 
 def load_insightface_recognizer(path: Path):

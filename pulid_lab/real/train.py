@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -64,7 +63,7 @@ from ..core import losses
 from ..core.attention import Capture, IDAttnSettings, cross_attention_layers, id_kwargs
 from ..core.branches import LightningOutput, lightning_branch
 from ..core.device import autocast
-from ..core.files import plain_json
+from ..core.files import atomic_write, plain_json, write_json
 from ..core.objective import pulid_objective
 from .pipeline import FeatureExtractor, RealAdapter, V1EncoderConfig, id_condition
 
@@ -198,9 +197,8 @@ class FaceFolder(Dataset):
                 cond = (id_vec[0].cpu().half(), [h[0].cpu().half() for h in hidden])
                 if cache is not None:
                     cache.mkdir(parents=True, exist_ok=True)
-                    tmp = self._cache_file(cache, path).with_suffix(".tmp")
-                    torch.save({"id_vec": cond[0], "hidden": cond[1]}, tmp)
-                    os.replace(tmp, self._cache_file(cache, path))
+                    saved = {"id_vec": cond[0], "hidden": cond[1]}
+                    atomic_write(self._cache_file(cache, path), lambda tmp: torch.save(saved, tmp))
             self.paths.append(path)
             self.captions.append(read_caption(path, default_caption))
             self.conditions.append(cond)
@@ -489,13 +487,9 @@ def save_adapter_file(folder: Path, adapter: RealAdapter, info: dict, name: str 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    tmp = folder / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
+    atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(state, str(tmp)))
     meta = {"encoder": asdict(adapter.encoder.cfg), "settings": asdict(adapter.processors.settings), **plain_json(info)}
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(plain_json(meta), indent=2) + "\n")
-    os.replace(tmp, folder / f"{name}.json")
+    write_json(folder / f"{name}.json", plain_json(meta))
     return folder / f"{name}.safetensors"
 
 
@@ -527,9 +521,7 @@ def _save_checkpoint(out: Path, adapter, opt, step: int, cfg: RealTrainConfig, l
     save_adapter_file(folder, adapter, {"step": step, "training": asdict(cfg)})
     torch.save(opt.state_dict(), folder / "optimizer.pt")
     (folder / "state.json").write_text(json.dumps({"step": step, "stage": cfg.stage, "log": log}) + "\n")
-    tmp = root / "latest.json.tmp"
-    tmp.write_text(json.dumps({"folder": folder.name, "step": step}) + "\n")
-    os.replace(tmp, root / "latest.json")
+    write_json(root / "latest.json", {"folder": folder.name, "step": step}, indent=None)
     olds = sorted(p for p in root.glob("step-*") if p.is_dir() and p != folder)
     for old in olds[: max(0, len(olds) - (cfg.keep_checkpoints - 1))]:
         shutil.rmtree(old)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.device import autocast, default_device
+from ..core.files import atomic_write
 from ..core.imaging import to_tensor
 from ..core.sampling import diffusion_targets, training_scheduler
 from ..models.base import UNCONDITIONAL, BaseModelConfig, OriginalModel, base_config_dict
@@ -207,9 +207,7 @@ def _check_same_recipe(saved: dict | None, current: dict, state_path: Path) -> N
 
 
 def _save_state(path: Path, model, ema, opt, step, losses, seconds, reader=None, recipe=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "losses": losses, "seconds": seconds, "reader": reader.state_dict() if reader is not None else None,
-                "recipe": recipe}, tmp)
-    os.replace(tmp, path)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+             "losses": losses, "seconds": seconds, "reader": reader.state_dict() if reader is not None else None,
+             "recipe": recipe}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -247,5 +248,16 @@ def run_experiment(exp: Experiment, stages_dir: Path, models_dir: Path | None = 
 
 
 def write_result(path: str | Path, result: dict) -> Path:
-    """Atomically write ``result.json`` (a killed run never leaves a half-written one)."""
+    """Atomically write ``result.json`` (a killed run never leaves a half-written one). The adapter's path is
+    stored relative to the file's folder, so a run folder moved or copied to another machine stays whole
+    (``adapter_of`` reads it back)."""
+    path = Path(path)
+    if result.get("adapter"):
+        result = {**result, "adapter": os.path.relpath(Path(result["adapter"]).resolve(), path.parent.resolve())}
     return write_json(path, plain_json(result))
+
+
+def adapter_of(result_path: str | Path) -> Path:
+    """The adapter folder a ``result.json`` written by ``write_result`` names (relative paths resolved from it)."""
+    result_path = Path(result_path)
+    return result_path.parent / json.loads(result_path.read_text())["adapter"]
