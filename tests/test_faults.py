@@ -1,6 +1,7 @@
 """kill -9 where it hurts: inside each training stage of a chain, and inside a grid cell. A killed process loses
 at most the step (or cell) it was in; rerunning the same command continues and ends where an uninterrupted run
-ends. (The other faults — corrupted files, bad arguments, a full disk, two writers — are in test_cli.py.)"""
+ends. A reference with no face is refused. (The other faults — corrupted files, bad arguments, a full disk, two
+writers — are in test_cli.py.)"""
 from __future__ import annotations
 
 import json
@@ -116,3 +117,51 @@ def test_kill_9_inside_a_grid_cell_keeps_the_finished_cells(tmp_path):
     from pulid_lab.grid import read_results
     rows = {r["config"]: r for r in read_results(out)}
     assert rows["first"]["face_sim"] == 0.25 and rows["second"]["face_sim"] == 0.75
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A reference with no face: refused with one sentence, as a real pipeline refuses one its detector finds no face in
+
+def _faceless_references(n: int = 8):
+    """Renders of held-out identities, and faceless images of kinds the face check never trained on or did."""
+    import numpy as np
+
+    from pulid_lab.core.imaging import to_tensor, to_uint8
+    from pulid_lab.world import faceless
+    from pulid_lab.world import toyfaces as world
+    r = world.render(world.HELDOUT_IDS[:n], world.sample_attributes(np.random.default_rng(5), n), np.arange(n) + 77)
+    gen = torch.Generator().manual_seed(5)
+    painted = faceless.painted_head(to_tensor(r.images), torch.as_tensor(r.boxes), gen)
+    held_out = faceless.check_faceless(n, gen)
+    return r.images, {"painted head": to_uint8(painted), **{k: to_uint8(v) for k, v in held_out.items()}}
+
+
+def test_a_reference_with_no_face_is_refused_with_one_sentence():
+    import pytest
+
+    from pulid_lab.lessons.lab import open_lab
+    from pulid_lab.train.experiment import shipped_stages_dir
+    from pulid_lab.train.pulid_trainer import load_adapter
+    faces, faceless_kinds = _faceless_references()
+    lab = open_lab("quick", device="cpu", progress=False)
+    adapter = load_adapter(next(shipped_stages_dir().glob("stage1-*")), lab.base.unet)
+    prompts, seeds = ["a portrait, photo"] * len(faces), list(range(len(faces)))
+    assert lab.generate(adapter, faces, prompts, seeds).shape == (len(faces), 32, 32, 3)  # every render passes
+    for kind, images in faceless_kinds.items():
+        mixed = faces.copy()
+        mixed[3] = images[3]
+        with pytest.raises(ValueError) as e:
+            lab.generate(adapter, mixed, prompts, seeds)
+        message = str(e.value)
+        assert message.startswith("no face in reference image(s) 3 (") and "\n" not in message, (kind, message)
+        assert "reference_for(identity)" in message
+
+
+def test_models_whose_face_check_did_not_qualify_say_so_and_check_nothing(smoke_models):
+    import pytest
+
+    from pulid_lab.models.identity import FaceAnalysis
+    _, faceless_kinds = _faceless_references(2)
+    analysis = FaceAnalysis(smoke_models[0])  # the smoke profile's face check trained 4 steps
+    with pytest.warns(UserWarning, match="face check too weak to trust .* pretrain --profile paper --only face_check"):
+        analysis.require_faces(faceless_kinds["flat colour"])

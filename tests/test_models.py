@@ -105,6 +105,7 @@ def test_shipped_models_meet_the_thresholds_on_a_small_sample():
     for name in ("phi_cond", "phi_loss", "phi_eval"):
         assert out[f"{name}_verification"] >= THRESHOLDS["verification"], (name, out)
     assert out["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
+    assert out["passed"]["face_check"], out["face_check"]  # faces kept, faceless kinds it never saw refused
 
 
 def test_pretrain_resume_keeps_the_base_unless_its_recipe_changed(smoke_models, tmp_path):

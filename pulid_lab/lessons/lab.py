@@ -86,10 +86,12 @@ class Lab:
         return tests.references[pick], [tests.prompts[i] for i in pick], [tests.seeds[i] for i in pick]
 
     def generate(self, adapter, references, prompts, seeds, id_scale: float = 1.0) -> np.ndarray:
-        """4-step samples as uint8 (N,32,32,3); ``adapter=None`` generates without ID."""
+        """4-step samples as uint8 (N,32,32,3); ``adapter=None`` generates without ID. A reference with no face is
+        refused (ValueError), as a real pipeline refuses one its detector finds no face in."""
         from ..core.imaging import to_uint8
         from ..train.evaluate import generate
-        return to_uint8(generate(self.base, adapter, references, list(prompts), list(seeds), self.evaluator, id_scale))
+        return to_uint8(generate(self.base, adapter, references, list(prompts), list(seeds), self.evaluator, id_scale,
+                                 check_faces=True))
 
     def evaluate(self, adapter, n_ids: int | None = None, id_scales=(1.0,)) -> dict:
         from ..train.evaluate import evaluate, test_set

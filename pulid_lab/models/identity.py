@@ -12,7 +12,10 @@ import torch.nn as nn
 from ..core.adapter import VIEWS
 from ..core.files import atomic_write
 from ..core.imaging import align_faces, to_tensor, to_uint8
+from ..world import faceless
+from ..world import toyfaces as world
 from ..world.data import as_image_batch
+from ..world.toyfaces import render
 from . import checkpoints
 
 ONNX_SIZE = 112
@@ -52,8 +55,30 @@ def crops_for_insightface(images_u8: np.ndarray, boxes: np.ndarray) -> list[np.n
     return [c[:, :, ::-1].copy() for c in to_uint8(crops)]
 
 
+FACE_THRESHOLD = 0.5  # the face check's probability above which an image shows a face
+# the face check refuses references only when, on images it never trained on, it accepted at least this share of
+# faces and rejected at least this share of every faceless kind (pretrain measures both: ``face_check_rates``)
+FACE_CHECK_QUALIFIES = 0.99
+
+
+@torch.no_grad()
+def face_check_rates(model: nn.Module, n: int = 400, seed: int = 0) -> dict:
+    """The face check measured where it never trained: ``faces_accepted`` on renders of held-out identities (random
+    attributes), ``faceless_rejected`` = the lowest rejection rate over ``faceless.CHECK_KINDS``, and each kind's."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    faces = render(world.HELDOUT_IDS[np.arange(n) % len(world.HELDOUT_IDS)],
+                   world.sample_attributes(np.random.default_rng(seed), n), np.arange(n) + 10_000 * (seed + 1))
+    p_face = torch.sigmoid(model(to_tensor(faces.images).to(device))).cpu()
+    rejected = {kind: float((torch.sigmoid(model(x.to(device))).cpu() < FACE_THRESHOLD).float().mean())
+                for kind, x in faceless.check_faceless(n, gen).items()}
+    return {"faces_accepted": float((p_face >= FACE_THRESHOLD).float().mean()),
+            "faceless_rejected": min(rejected.values()), "faceless_rejected_by_kind": rejected}
+
+
 class FaceAnalysis:
-    """detector + phi_cond through insightface: ``embed(images) -> (B, 512)`` ID embeddings.
+    """detector + phi_cond through insightface: ``embed(images) -> (B, 512)`` ID embeddings; the face check
+    (``face_scores``, ``require_faces``) plays the detector's face score, so an image with no face is refused.
 
     ``images``: a PIL image, a uint8 array (H, W, 3) or (B, H, W, 3), or a float tensor (B, 3, H, W) in [-1, 1].
     """
@@ -62,6 +87,41 @@ class FaceAnalysis:
         self.models_dir = Path(models_dir) if models_dir is not None else checkpoints.default_models_dir()
         self.detector = checkpoints.load_model("detector", self.models_dir)
         self.recognizer = load_insightface_recognizer(checkpoints.verified_file(f"{recognizer}_onnx", self.models_dir))
+        self._face_check = None  # loaded on first use
+        self._warned = False
+
+    def _check_entry(self) -> dict | None:
+        return checkpoints.read_manifest(self.models_dir).get("models", {}).get("face_check")
+
+    @torch.no_grad()
+    def face_scores(self, images) -> np.ndarray | None:
+        """(B,) probability that each image shows a face; None for models without a face check."""
+        if self._check_entry() is None:
+            return None
+        if self._face_check is None:
+            self._face_check = checkpoints.load_model("face_check", self.models_dir)
+        return torch.sigmoid(self._face_check(to_tensor(as_image_batch(images)))).numpy()
+
+    def require_faces(self, images, name: str = "reference") -> None:
+        """A ValueError naming every image with no face. Models whose face check did not qualify (the smoke
+        profile's, or models from before it existed) check nothing and say so once."""
+        entry = self._check_entry()
+        metrics = (entry or {}).get("metrics", {})
+        if min(metrics.get("faces_accepted", 0.0), metrics.get("faceless_rejected", 0.0)) < FACE_CHECK_QUALIFIES:
+            if not self._warned:
+                why = ("have no face check" if entry is None else "have a face check too weak to trust (faces accepted "
+                       f"{metrics.get('faces_accepted', 0):.0%}, faceless images rejected "
+                       f"{metrics.get('faceless_rejected', 0):.0%} on images it never saw)")
+                warnings.warn(f"the models in {self.models_dir} {why}: references are not checked for a face; "
+                              "`pulid-lab pretrain --profile paper --only face_check --resume` trains one", stacklevel=3)
+                self._warned = True
+            return
+        scores = self.face_scores(images)
+        missing = np.flatnonzero(scores < FACE_THRESHOLD)
+        if len(missing):
+            listed = ", ".join(f"{i} ({scores[i]:.2f})" for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ValueError(f"no face in {name} image(s) {listed} (face check score below {FACE_THRESHOLD}): give a "
+                             "portrait with one visible face, e.g. pulid_lab.lessons.widgets.reference_for(identity)")
 
     @torch.no_grad()
     def detect(self, images) -> np.ndarray:
@@ -93,8 +153,11 @@ class IDConditioner:
         self.image_encoder = checkpoints.load_model("image_encoder", models_dir, self.device).requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, images) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, images, check_faces: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``check_faces``: refuse images with no face first (references a user gives; renders always have one)."""
         images = as_image_batch(images)
+        if check_faces:
+            self.faces.require_faces(images)
         boxes = self.faces.detect(images)
         emb = torch.from_numpy(self.faces.embed(images, boxes)).float().to(self.device)
         x = to_tensor(images).to(self.device)

@@ -121,6 +121,18 @@ class FaceDetector(nn.Module):
         return torch.stack([16 + 8 * raw[:, 0], 17 + 4 * raw[:, 1], 7.5 + 2 * raw[:, 2]], 1)
 
 
+class FacePresence(nn.Module):
+    """Full image (B, 3, 32, 32) -> logit (B,) that it shows a face: the score a real detector gives its boxes."""
+
+    def __init__(self, widths=(16, 32, 64, 128), arch="plain"):
+        super().__init__()
+        self.backbone = Backbone(widths, arch)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(self.backbone.out_dim * 16, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, images):
+        return self.head(self.backbone(images)[-1]).squeeze(1)
+
+
 class AttributeProbe(nn.Module):
     """Full image -> {attribute: logits}; ``features`` gives the penultimate (CLIP-I analog) features."""
 
@@ -159,7 +171,8 @@ class ImageFeatureEncoder(nn.Module):
         return g, {a: head(g) for a, head in self.heads.items()}
 
 
-KINDS = {"recognizer": FaceRecognizer, "detector": FaceDetector, "probe": AttributeProbe, "image_encoder": ImageFeatureEncoder}
+KINDS = {"recognizer": FaceRecognizer, "detector": FaceDetector, "face_presence": FacePresence, "probe": AttributeProbe,
+         "image_encoder": ImageFeatureEncoder}
 
 
 def build(kind: str, config: dict) -> nn.Module:

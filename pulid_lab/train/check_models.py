@@ -13,9 +13,9 @@ import torch
 from ..core.imaging import align_faces, to_tensor
 from ..core.metrics import cosine, verification_accuracy, verification_pairs
 from ..models import checkpoints
-from ..models.identity import FaceAnalysis, crops_for_insightface
+from ..models.identity import FACE_CHECK_QUALIFIES, FACE_THRESHOLD, FaceAnalysis, crops_for_insightface
+from ..world import faceless, vocab
 from ..world import toyfaces as world
-from ..world import vocab
 from ..world.data import render_bank
 from ..world.vocab import ATTRIBUTES
 
@@ -98,8 +98,22 @@ def check_models(models_dir: Path | None = None, variants: int = 8, n_pairs: int
                 torch_emb = torch.cat([model(rgb[i:i + 256]) for i in range(0, len(rgb), 256)])
             out["phi_cond_onnx_vs_torch"] = round(float(cosine(onnx_emb, torch_emb).mean()), 6)
             out["phi_cond_embedding_dim"] = int(onnx_emb.shape[1])
+    if "face_check" in checkpoints.read_manifest(models_dir).get("models", {}):
+        out["face_check"] = _face_check(models_dir, x)
     out["passed"] = passed(out)
     return out
+
+
+@torch.no_grad()
+def _face_check(models_dir: Path, faces: torch.Tensor, n: int = 400) -> dict:
+    """The face check on the held-out renders (all faces) and on faceless kinds it never trained on."""
+    model = checkpoints.load_model("face_check", models_dir)
+    p_face = torch.cat([torch.sigmoid(model(faces[i:i + 512])) for i in range(0, len(faces), 512)])
+    rejected = {kind: round(float((torch.sigmoid(model(x)) < FACE_THRESHOLD).float().mean()), 4)
+                for kind, x in faceless.check_faceless(n, torch.Generator().manual_seed(CHECK_SEED)).items()}
+    return {"faces_accepted": round(float((p_face >= FACE_THRESHOLD).float().mean()), 4),
+            "lowest_face_score": round(float(p_face.min()), 4), "faceless_rejected_by_kind": rejected,
+            "faceless_rejected": min(rejected.values())}
 
 
 def passed(report: dict) -> dict:
@@ -108,6 +122,9 @@ def passed(report: dict) -> dict:
     for name in RECOGNIZERS:
         res[f"{name}_verification"] = report[f"{name}_verification"] >= THRESHOLDS["verification"]
     res["phi_cond_onnx_vs_torch"] = report["phi_cond_onnx_vs_torch"] >= THRESHOLDS["onnx_vs_torch"]
+    if "face_check" in report:
+        fc = report["face_check"]
+        res["face_check"] = min(fc["faces_accepted"], fc["faceless_rejected"]) >= FACE_CHECK_QUALIFIES
     return res
 
 

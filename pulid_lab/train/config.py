@@ -14,7 +14,7 @@ PROFILE_NAMES = ("smoke", "quick", "paper")
 @dataclass
 class NetTraining:
     """One network of the mini world: its architecture and its training budget."""
-    kind: str  # recognizer | detector | probe | image_encoder (nets.KINDS)
+    kind: str  # recognizer | detector | face_presence | probe | image_encoder (nets.KINDS)
     arch: str = "plain"
     widths: tuple[int, ...] = (32, 64, 128, 256)
     dim: int | None = None  # embedding / feature width where the kind has one
@@ -59,6 +59,8 @@ def _foundation(variants: int, scale: float, profile: str, base_steps: int) -> P
         "phi_eval": NetTraining("recognizer", "plain", (32, 64, 128, 256), dim=128, seed=3, steps=steps(2000)),
         "probe": NetTraining("probe", "resnet", (32, 64, 128, 192), dim=256, seed=4, steps=steps(2500)),
         "image_encoder": NetTraining("image_encoder", "resnet", (32, 64, 128, 256), dim=256, seed=5, steps=steps(1500)),
+        # the face check: renders against faceless images (world/faceless.py), batch renders + as many faceless
+        "face_check": NetTraining("face_presence", "plain", (16, 32, 64, 128), seed=12, steps=steps(1000), batch=64),
     })
 
 

@@ -146,9 +146,10 @@ class Evaluator:
             self._conditioners[view] = IDConditioner(self.models_dir, view, self.device)
         return self._conditioners[view]
 
-    def condition(self, references, adapter: PuLIDAdapter | None = None):
-        """(phi_cond embedding, image features) of ``references`` for ``adapter``."""
-        return self.conditioner_for(adapter)(references)
+    def condition(self, references, adapter: PuLIDAdapter | None = None, check_faces: bool = False):
+        """(phi_cond embedding, image features) of ``references`` for ``adapter`` (``check_faces``: refuse any
+        reference with no face, for references a user gives)."""
+        return self.conditioner_for(adapter)(references, check_faces=check_faces)
 
     @torch.no_grad()
     def face_embedding(self, images: torch.Tensor, phi=None) -> torch.Tensor:
@@ -180,14 +181,15 @@ class Evaluator:
 
 @torch.no_grad()
 def generate(base: OriginalModel, adapter: PuLIDAdapter | None, references: np.ndarray, prompts: list[str],
-             seeds: list[int], evaluator: Evaluator, id_scale: float = 1.0) -> torch.Tensor:
-    """4-step Lightning generations for references x prompts (no ID when ``adapter`` is None or id_scale = 0)."""
+             seeds: list[int], evaluator: Evaluator, id_scale: float = 1.0, check_faces: bool = False) -> torch.Tensor:
+    """4-step Lightning generations for references x prompts (no ID when ``adapter`` is None or id_scale = 0;
+    ``check_faces``: refuse references with no face)."""
     dev = evaluator.device
     x_T = initial_noise(len(prompts), seeds, dev)
     text = base.encode(prompts)
     if adapter is None or id_scale == 0:
         return lightning_sample(lambda x, t, s: base.predict(x, t, text), x_T).clamp(-1, 1)
-    emb, feats = evaluator.condition(references, adapter)
+    emb, feats = evaluator.condition(references, adapter, check_faces)
     with adapter.installed(base.unet):
         fn = unet_fn(base.unet, text, adapter.tokens(emb, feats), id_scale)
         return lightning_sample(fn, x_T).clamp(-1, 1)

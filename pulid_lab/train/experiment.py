@@ -137,12 +137,16 @@ KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0, "align_every_step": False}
 STAGE3_ONLY = {"lambda_sem": 0.6, "lambda_layout": 0.1, "align_reduction": "mean", "align_every_step": False}
 
 
+# models that no stage's training or evaluation reads: the face check looks only at references a user gives
+SHAPES_NO_STAGE = ("face_check",)
+
+
 def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, bank_variants: int) -> str:
     """A short hash of everything that shapes a trained stage: its config, its parent, the models it uses, the
     training bank (renders per identity)."""
     folder = Path(models_dir) if models_dir else checkpoints.default_models_dir()
     manifest = checkpoints.read_manifest(folder)
-    models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items()}
+    models = {k: v.get("sha256", "") for k, v in manifest.get("models", {}).items() if k not in SHAPES_NO_STAGE}
     models.update({k: v.get("sha256", "") for k, v in manifest.get("files", {}).items()})  # the base model's files
     config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
     if cfg.stage == 1 or (cfg.stage == 2 and cfg.id_loss == "naive"):  # k shapes only the Lightning branch, which

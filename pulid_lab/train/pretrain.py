@@ -20,7 +20,8 @@ from ..core.device import autocast, default_device
 from ..core.imaging import align_faces, to_tensor
 from ..models import checkpoints, nets
 from ..models.base import base_config_dict, save_base
-from ..models.identity import export_recognizer_onnx
+from ..models.identity import export_recognizer_onnx, face_check_rates
+from ..world import faceless
 from ..world import toyfaces as world
 from ..world.data import Bank, cache_dir, render_bank
 from .base_trainer import train_base, training_recipe
@@ -112,6 +113,10 @@ def _loss(kind, model, head, images, ids, boxes, labels, margin, gen):
     if kind == "detector":
         pred = model(images)
         return F.smooth_l1_loss(pred, boxes)
+    if kind == "face_presence":  # renders are faces; the same number of faceless images are not
+        x = torch.cat([images, faceless.training_faceless(images.cpu(), boxes.cpu(), gen).to(images)])
+        target = torch.cat([torch.ones(len(images)), torch.zeros(len(images))]).to(images)
+        return F.binary_cross_entropy_with_logits(model(x).float(), target)
     if kind == "probe":
         logits = model(images)
         return sum(F.cross_entropy(logits[a], labels[a]) for a in ATTRIBUTES)
@@ -141,6 +146,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device=None, resume: bool = False, 
             report[name] = done["metrics"]
         else:
             model, stats = train_net(spec, bank, device, progress, desc=name)
+            if spec.kind == "face_presence":  # measured where it never trained: does it know "no face"?
+                stats.update(face_check_rates(model))
             checkpoints.save_model(out, name, spec.kind, spec.model_config(), model, profile=cfg.profile,
                                    seed=spec.seed, metrics=stats)
             report[name] = stats
