@@ -53,6 +53,9 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     from pulid_lab.train.experiment import STAGE3_ONLY
     old = chain(Experiment(profile="smoke", **STAGE3_ONLY))  # the Stage 3 defaults before alignment at every step
     assert old[:2] == kb[:2]  # Stage 3's defaults do not shape the keys of Stages 1 and 2
+    from pulid_lab.train.experiment import STAGE2_ON
+    kh = chain(Experiment(profile="smoke", lambda_sem=0.6, lambda_id=STAGE2_ON["lambda_id"]))
+    assert kh[0] == kb[0] and kh[1] != kb[1]  # the ID loss's weight shapes Stage 2 on, never Stage 1
     kf = chain(Experiment(profile="smoke", lambda_sem=0.6, stage2_steps=5))
     assert kf[0] == kb[0] and kf[1] != kb[1]  # a stage's own budget shapes it and what follows
 

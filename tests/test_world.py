@@ -128,3 +128,11 @@ def test_canonical_caption_order():
     assert vocab.canonical("") == ""
     with pytest.raises(vocab.VocabularyError):
         vocab.canonical("a portrait, purple hat")
+
+
+def test_a_bank_rendered_in_worker_processes_is_the_same_bank():
+    from pulid_lab.world.data import render_bank
+    one = render_bank(world.TRAIN_IDS[:40], 16, seed=3, cache=False, progress=False)  # 640 faces: two chunks
+    two = render_bank(world.TRAIN_IDS[:40], 16, seed=3, cache=False, progress=False, workers=2)
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.boxes, two.boxes)
+    assert all(np.array_equal(one.labels[k], two.labels[k]) for k in one.labels)

@@ -135,6 +135,9 @@ KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0, "align_every_step": False}
 # Knobs only Stage 3 uses: earlier stages are keyed with these fixed values (the defaults they had when the shipped
 # stages were trained), so a change of Stage 3's defaults leaves Stage 1's and Stage 2's keys as they were
 STAGE3_ONLY = {"lambda_sem": 0.6, "lambda_layout": 0.1, "align_reduction": "mean", "align_every_step": False}
+# Knobs of the ID loss, which Stage 1 never computes: Stage 1 is keyed with these fixed values, so a change of
+# their defaults (lambda_id 1 -> 3 on 2026-12-04) leaves Stage 1's key as it was
+STAGE2_ON = {"lambda_id": 1.0, "id_loss": "lightning"}
 
 
 # models that no stage's training or evaluation reads: the face check looks only at references a user gives
@@ -151,6 +154,8 @@ def stage_key(cfg: PuLIDTraining, parent: str | None, models_dir: Path | None, b
     config = {k: v for k, v in plain_json(asdict(cfg)).items() if not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
     if cfg.stage == 1 or (cfg.stage == 2 and cfg.id_loss == "naive"):  # k shapes only the Lightning branch, which
         config.pop("grad_steps")  # Stage 1 and the naive row never run
+    if cfg.stage == 1:  # Stage 1 has no ID loss
+        config.update(STAGE2_ON)
     if cfg.stage != 3:  # only Stage 3 aligns
         for k, v in STAGE3_ONLY.items():
             config.pop(k, None)

@@ -41,9 +41,16 @@ class Bank:
                     self.boxes[idx], self.seeds[idx])
 
 
+def _render_chunk(args):
+    ids, labels, seeds = args
+    r = world.render(ids, labels, seeds)
+    return r.images, r.boxes
+
+
 def render_bank(ids, variants: int, seed: int, old_prob: float = 0.15, cache: bool = True,
-                progress: bool = True) -> Bank:
-    """``variants`` renders of every identity in ``ids`` with random attributes; cached on disk by content."""
+                progress: bool = True, workers: int = 1) -> Bank:
+    """``variants`` renders of every identity in ``ids`` with random attributes; cached on disk by content.
+    ``workers`` > 1 renders its chunks in that many processes (the same bank: each face has its own seed)."""
     ids = np.asarray(ids, np.int64)
     key = hashlib.sha256(f"{WORLD_VERSION}|{ids.tobytes().hex()}|{variants}|{seed}|{old_prob}".encode()).hexdigest()[:16]
     path = cache_dir() / f"bank-{key}.npz"
@@ -54,13 +61,18 @@ def render_bank(ids, variants: int, seed: int, old_prob: float = 0.15, cache: bo
     all_ids = np.repeat(ids, variants)
     labels = world.sample_attributes(rng, len(all_ids), old_prob)
     seeds = rng.integers(0, 2**62, size=len(all_ids))
-    images, boxes = [], []
     chunk = 512
-    for lo in tqdm(range(0, len(all_ids), chunk), desc=f"render {len(all_ids)} faces", disable=not progress, leave=False):
-        sl = slice(lo, lo + chunk)
-        r = world.render(all_ids[sl], {k: v[sl] for k, v in labels.items()}, seeds[sl])
-        images.append(r.images)
-        boxes.append(r.boxes)
+    chunks = [(all_ids[lo:lo + chunk], {k: v[lo:lo + chunk] for k, v in labels.items()}, seeds[lo:lo + chunk])
+              for lo in range(0, len(all_ids), chunk)]
+    bar = dict(total=len(chunks), desc=f"render {len(all_ids)} faces", disable=not progress, leave=False)
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = list(tqdm(pool.map(_render_chunk, chunks), **bar))
+    else:
+        rendered = [_render_chunk(c) for c in tqdm(chunks, **bar)]
+    images, boxes = [r[0] for r in rendered], [r[1] for r in rendered]
     bank = Bank(np.concatenate(images), all_ids, labels, np.concatenate(boxes), seeds)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
