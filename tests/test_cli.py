@@ -95,6 +95,10 @@ def test_a_corrupted_adapter_or_manifest_is_one_line_naming_the_file_and_the_fix
     with pytest.raises(SystemExit) as e:
         main(["evaluate", str(broken), "--models", str(models), "--ids", "1"])
     assert "manifest.json is not valid JSON" in str(e.value) and f"delete {broken}" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # a wrong path: no pretraining hint, the folders that hold adapters
+        main(["evaluate", str(tmp_path / "no_such_stage"), "--models", str(models), "--ids", "1"])
+    assert "no trained adapter in" in str(e.value) and "pulid-lab reproduce" in str(e.value)
+    assert "pretrain" not in str(e.value) and "\n" not in str(e.value)
     # a corrupted stage inside a run folder is rebuilt by the command that made it, from its final checkpoint
     (folder / "adapter.safetensors").write_bytes(data[:-4] + b"\0\0\0\0")
     with pytest.warns(UserWarning, match="rebuilding"):
