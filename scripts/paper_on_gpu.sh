@@ -20,8 +20,8 @@ $py -m pulid_lab.cli reproduce --profile smoke --seeds 1 --out "$run-smoke" > "$
   || { tail -n 40 "$run/smoke.log"; echo "smoke reproduction failed: see $run/smoke.log"; exit 1; }
 stamp "smoke reproduction"
 # the training bank once, before the seeds' processes read it from the cache
-$py -c "from pulid_lab.train.reproduce import row_experiment as r; from pulid_lab.world import data, toyfaces as w; \
-data.render_bank(w.TRAIN_IDS, r('stage3', '$profile', 0).budget.bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1})"
+$py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
+data.render_bank(w.TRAIN_IDS, P['$profile'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1})"
 stamp "bank rendered"
 for s in $(seq 0 $((seeds - 1))); do
   timeout "$budget" $py -c "

@@ -113,9 +113,11 @@ def verified_file(name: str, folder: Path | None = None) -> Path:
     return path
 
 
-def rebuild_hint(folder: Path, profile: str | None = None, manifest: dict | None = None) -> str:
+def rebuild_hint(folder: Path, profile: str | None = None, manifest: dict | None = None,
+                 name: str | None = None) -> str:
     """The command that rebuilds what ``folder`` holds: the shipped models, a trained adapter stage, or pretrained
-    models of a profile."""
+    models of a profile; ``name`` is the model asked for (an adapter asked of a folder that never held one is a
+    wrong path, not something to pretrain)."""
     folder = Path(folder)
     if folder.resolve() == Path(SHIPPED_DIR).resolve():
         return f"restore the shipped files with: git checkout -- {folder} (or rebuild them: make pretrain)"
@@ -123,6 +125,9 @@ def rebuild_hint(folder: Path, profile: str | None = None, manifest: dict | None
     if "adapter" in manifest.get("models", {}) or (folder / "adapter.safetensors").exists():
         return (f"delete {folder} and rerun the command that trained it (pulid-lab reproduce, grid or curve retrain a "
                 "missing stage)")
+    if name == "adapter":
+        return (f"no trained adapter in {folder}: give a stage folder such as runs/reproduce/stages/stage3-<key>, "
+                "which `make demo` writes, or train one with `pulid-lab reproduce`")
     profile = profile or manifest.get("profile", "paper")
     return f"rebuild it with: pulid-lab pretrain --profile {profile} --out {folder}"
 
@@ -134,14 +139,14 @@ def load_state(name: str, folder: Path | None = None) -> tuple[dict, dict]:
     entry = manifest.get("models", {}).get(name)
     if entry is None:
         raise CheckpointError(f"no model {name!r} in {folder} (manifest lists {sorted(manifest.get('models', {}))}); "
-                              + rebuild_hint(folder))
+                              + rebuild_hint(folder, name=name))
     file = folder / entry["file"]
     if not file.exists():
-        raise CheckpointError(f"missing checkpoint file {file}; " + rebuild_hint(folder))
+        raise CheckpointError(f"missing checkpoint file {file}; " + rebuild_hint(folder, name=name))
     digest = sha256_file(file)
     if digest != entry["sha256"]:
         raise CheckpointError(f"checkpoint {file} is corrupted (sha256 {digest[:12]}… != manifest "
-                              f"{entry['sha256'][:12]}…); " + rebuild_hint(folder))
+                              f"{entry['sha256'][:12]}…); " + rebuild_hint(folder, name=name))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
     return state, entry
 

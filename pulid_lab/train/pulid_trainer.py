@@ -281,10 +281,6 @@ def load_adapter_state(folder: Path) -> dict:
 
 def load_adapter(folder: Path, unet) -> PuLIDAdapter:
     """A trained adapter (sha256 checked) for ``unet``."""
-    if not (Path(folder) / "adapter.safetensors").exists():  # a wrong path is not a model to pretrain
-        raise checkpoints.CheckpointError(
-            f"no trained adapter in {folder} (it holds no adapter.safetensors): give a stage folder such as "
-            f"runs/reproduce/stages/stage3-<key>, which `make demo` writes, or train one with `pulid-lab reproduce`")
     state, entry = checkpoints.load_state("adapter", folder)
     enc = checkpoints.config_from_json(IDEncoderConfig, entry["config"]["encoder"])
     view = entry["config"].get("training", {}).get("reference_view", "crop")
