@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pulid_lab.models import checkpoints, nets
+from pulid_lab.models import checkpoints, identity, nets
 from pulid_lab.models.identity import (
     FaceAnalysis,
+    IDConditioner,
+    RowConditioner,
     crops_for_insightface,
     export_recognizer_onnx,
     load_insightface_recognizer,
@@ -96,6 +98,28 @@ def test_face_analysis_rejects_bad_references():
         analysis.embed(np.zeros((3, 64, 64, 3), np.uint8))
     emb = analysis.embed(world.render([0], world.sample_attributes(np.random.default_rng(0), 1), [0]).images)
     assert emb.shape == (1, 512)
+
+
+@pytest.mark.parametrize("view", ["full", "crop"])
+def test_a_banks_faces_are_computed_once_and_a_rows_conditioning_does_not_depend_on_its_batch(view, monkeypatch,
+                                                                                               tmp_path):
+    monkeypatch.setenv("PULID_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(identity, "FACES_CHUNK", 4)
+    n = 10
+    images = world.render(np.arange(n), world.sample_attributes(np.random.default_rng(1), n), np.arange(n)).images
+    rows = RowConditioner(IDConditioner(view=view), images)
+    direct = IDConditioner(view=view)
+    for lo in range(0, n, 4):  # the chunks bank_faces used: the direct path on the same batches gives the same bits
+        emb0, feats0 = direct(images[lo:lo + 4])
+        emb, feats = rows(np.arange(lo, min(lo + 4, n)))
+        assert torch.equal(emb, emb0) and all(torch.equal(a, b) for a, b in zip(feats, feats0))
+    draw = np.array([7, 1, 7, 0])  # any draw: each row as in its chunk
+    emb, _ = rows(draw)
+    assert torch.equal(emb, torch.from_numpy(rows.embeddings[draw]))
+    assert len(list(tmp_path.glob("faces-*.npz"))) == 1
+    monkeypatch.setattr(identity.FaceAnalysis, "embed", lambda *a: pytest.fail("cached faces computed again"))
+    again = RowConditioner(IDConditioner(view=view), images)
+    assert np.array_equal(again.embeddings, rows.embeddings) and np.array_equal(again.boxes, rows.boxes)
 
 
 def test_shipped_models_meet_the_thresholds_on_a_small_sample():

@@ -36,7 +36,7 @@ from ..core.objective import NonFiniteLoss, pulid_objective
 from ..core.sampling import diffusion_targets, naive_x0, training_scheduler
 from ..models import checkpoints
 from ..models.base import OriginalModel, initial_noise, load_base
-from ..models.identity import IDConditioner, embedding_dim_and_channels
+from ..models.identity import IDConditioner, RowConditioner, embedding_dim_and_channels
 from ..world.data import Bank
 from .base_trainer import captions_for, face_weight_map
 
@@ -138,7 +138,8 @@ class PuLIDTrainer:
     """Holds the frozen models and the adapter; ``fit`` runs (or resumes) one stage."""
 
     def __init__(self, cfg: PuLIDTraining, bank: Bank, out: Path, models_dir: Path | None = None,
-                 base: OriginalModel | None = None, init_adapter: Path | None = None, device=None):
+                 base: OriginalModel | None = None, init_adapter: Path | None = None, device=None,
+                 progress: bool = False):
         self.cfg, self.bank, self.out = cfg, bank, Path(out)
         self.device = default_device(device)
         self.base = (base or load_base(models_dir)).to(self.device).eval().requires_grad_(False)
@@ -149,7 +150,8 @@ class PuLIDTrainer:
         self.adapter = PuLIDAdapter(self.base.unet, enc, cfg.settings, cfg.reference_view).to(self.device)
         if init_adapter is not None:  # stage n starts from stage n-1
             self.adapter.load_state_dict(load_adapter_state(init_adapter))
-        self.conditioner = IDConditioner(models_dir, cfg.reference_view, self.device)
+        self.conditioner = RowConditioner(IDConditioner(models_dir, cfg.reference_view, self.device), bank.images,
+                                          progress)
         self.phi = checkpoints.load_model("phi_loss", models_dir, self.device).requires_grad_(False)
         self.detector = checkpoints.load_model("detector", models_dir, self.device).requires_grad_(False)
         self.scheduler = training_scheduler()
@@ -164,7 +166,7 @@ class PuLIDTrainer:
         ref_idx = reference_indices(self.bank, idx, cfg.id_source, rng)
         caps = captions_for(self.bank.labels, idx, rng, cfg.caption_dropout, 0.0)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        emb, feats = self.conditioner(self.bank.images[ref_idx])
+        emb, feats = self.conditioner(ref_idx)
         tokens = self.adapter.tokens(emb, feats)
         x0 = self.images[idx].to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
