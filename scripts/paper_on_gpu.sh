@@ -24,9 +24,9 @@ if [ "${SMOKE:-1}" = 1 ]; then
 fi
 # the training bank and its faces once, before the seeds' processes read them from the cache
 $py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
-from pulid_lab.models.identity import FaceAnalysis, bank_faces; \
+from pulid_lab.models.identity import BankFaces, FaceAnalysis; \
 bank = data.render_bank(w.TRAIN_IDS, P['$profile'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1}); \
-bank_faces(bank.images, FaceAnalysis())" || { echo "the bank or its faces failed"; exit 1; }
+BankFaces(bank.images, FaceAnalysis()).all()" || { echo "the bank or its faces failed"; exit 1; }
 stamp "bank and faces"
 for s in $(seq 0 $((seeds - 1))); do
   for row in stage3 naive; do

@@ -108,18 +108,21 @@ def test_a_banks_faces_are_computed_once_and_a_rows_conditioning_does_not_depend
     n = 10
     images = world.render(np.arange(n), world.sample_attributes(np.random.default_rng(1), n), np.arange(n)).images
     rows = RowConditioner(IDConditioner(view=view), images)
+    calls = []
+    embed = rows.faces.faces.embed
+    monkeypatch.setattr(rows.faces.faces, "embed", lambda imgs, boxes=None: calls.append(len(imgs)) or embed(imgs, boxes))
     direct = IDConditioner(view=view)
-    for lo in range(0, n, 4):  # the chunks bank_faces used: the direct path on the same batches gives the same bits
+    emb, _ = rows(np.array([9, 1, 9]))  # rows of chunks 0 and 2 only
+    assert calls == [4, 2] and not list(tmp_path.glob("faces-*.npz"))  # the bank is not complete: no cache file yet
+    for lo in (8, 0, 4):  # the chunks, in any order: the direct path on the same batches gives the same bits
         emb0, feats0 = direct(images[lo:lo + 4])
         emb, feats = rows(np.arange(lo, min(lo + 4, n)))
         assert torch.equal(emb, emb0) and all(torch.equal(a, b) for a, b in zip(feats, feats0))
-    draw = np.array([7, 1, 7, 0])  # any draw: each row as in its chunk
-    emb, _ = rows(draw)
-    assert torch.equal(emb, torch.from_numpy(rows.embeddings[draw]))
-    assert len(list(tmp_path.glob("faces-*.npz"))) == 1
+    assert calls == [4, 2, 4]  # each chunk embedded once
+    assert len(list(tmp_path.glob("faces-*.npz"))) == 1  # complete: cached on disk
     monkeypatch.setattr(identity.FaceAnalysis, "embed", lambda *a: pytest.fail("cached faces computed again"))
-    again = RowConditioner(IDConditioner(view=view), images)
-    assert np.array_equal(again.embeddings, rows.embeddings) and np.array_equal(again.boxes, rows.boxes)
+    again = identity.BankFaces(images, FaceAnalysis()).all()  # a fresh FaceAnalysis: its embed now fails
+    assert np.array_equal(again[0], rows.faces.boxes) and np.array_equal(again[1], rows.faces.embeddings)
 
 
 def test_shipped_models_meet_the_thresholds_on_a_small_sample():

@@ -173,52 +173,82 @@ class IDConditioner:
         return emb, self.image_encoder.hidden_states(x)
 
 
-FACES_CHUNK = 256  # rows per detector / phi_cond call when a bank's faces are computed (fixed: see bank_faces)
+FACES_CHUNK = 16  # rows per detector / phi_cond call when a bank's faces are computed (fixed: see BankFaces)
 
 
-def bank_faces(images: np.ndarray, faces: FaceAnalysis, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Face boxes (N, 3) and phi_cond embeddings (N, D) of a training bank's images, cached on disk by content (the
-    images' bytes and the detector's and phi_cond's sha256). Computed in fixed chunks of FACES_CHUNK rows, so a row's
-    values never depend on the rows drawn with it (the detector's last bits do depend on the batch size)."""
-    from tqdm.auto import tqdm
+class BankFaces:
+    """Face boxes (N, 3) and phi_cond embeddings (N, D) of a training bank's images, computed the first time a row is
+    asked for and kept; once every row is known they are cached on disk by content (the images' bytes and the
+    detector's and phi_cond's sha256), so later stages and runs on the same bank load them. Rows are computed in fixed
+    chunks of FACES_CHUNK, so a row's values never depend on the rows drawn with it (the detector's last bits depend
+    on the batch size) nor on the order in which rows are asked for: a resumed run sees the same bits."""
 
-    from ..world.data import cache_dir
-    manifest = checkpoints.read_manifest(faces.models_dir)
-    models = manifest["models"]["detector"]["sha256"] + manifest["files"][f"{faces.recognizer_name}_onnx"]["sha256"]
-    images = np.ascontiguousarray(images)
-    key = hashlib.sha256(images.tobytes() + models.encode()).hexdigest()[:16]
-    path = cache_dir() / f"faces-{key}.npz"
-    if path.exists():
-        z = np.load(path)
-        return z["boxes"], z["embeddings"]
-    boxes, emb = [], []
-    for lo in tqdm(range(0, len(images), FACES_CHUNK), desc=f"faces of {len(images)} renders", disable=not progress,
-                   leave=False):
-        b = faces.detect(images[lo:lo + FACES_CHUNK])
-        boxes.append(b), emb.append(faces.embed(images[lo:lo + FACES_CHUNK], b))
-    boxes, emb = np.concatenate(boxes), np.concatenate(emb)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, images: np.ndarray, faces: FaceAnalysis):
+        from ..world.data import cache_dir
+        self.images, self.faces = images, faces  # images: (N, H, W, 3) uint8
+        manifest = checkpoints.read_manifest(faces.models_dir)  # the key: images, models, chunk size
+        models = manifest["models"]["detector"]["sha256"] + manifest["files"][f"{faces.recognizer_name}_onnx"]["sha256"]
+        key = hashlib.sha256(np.ascontiguousarray(images).tobytes() + f"{models}|{FACES_CHUNK}".encode()).hexdigest()[:16]
+        self.path = cache_dir() / f"faces-{key}.npz"
+        self._known = np.zeros(-(-len(images) // FACES_CHUNK), bool)  # per chunk
+        self.boxes = self.embeddings = None
+        if self.path.exists():
+            z = np.load(self.path)
+            self.boxes, self.embeddings = z["boxes"], z["embeddings"]
+            self._known[:] = True
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, boxes=boxes, embeddings=emb)
-    atomic_write(path, write)
-    return boxes, emb
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes, embeddings) of bank rows ``rows``."""
+        rows = np.asarray(rows)
+        self._compute(np.unique(rows // FACES_CHUNK))
+        return self.boxes[rows], self.embeddings[rows]
+
+    def all(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's (boxes, embeddings), computed now where missing (and written to the disk cache)."""
+        from tqdm.auto import tqdm
+        missing = np.flatnonzero(~self._known)
+        for lo in tqdm(range(0, len(missing), 64), desc=f"faces of {len(self.images)} renders", leave=False,
+                       disable=not progress or not len(missing)):
+            self._compute(missing[lo:lo + 64])
+        return self.boxes, self.embeddings
+
+    def _compute(self, chunks: np.ndarray) -> None:
+        for c in chunks[~self._known[chunks]]:
+            part = self.images[c * FACES_CHUNK:(c + 1) * FACES_CHUNK]
+            boxes = self.faces.detect(part)
+            emb = self.faces.embed(part, boxes)
+            if self.boxes is None:
+                self.boxes = np.zeros((len(self.images), boxes.shape[1]), boxes.dtype)
+                self.embeddings = np.zeros((len(self.images), emb.shape[1]), emb.dtype)
+            self.boxes[c * FACES_CHUNK:(c + 1) * FACES_CHUNK] = boxes
+            self.embeddings[c * FACES_CHUNK:(c + 1) * FACES_CHUNK] = emb
+            self._known[c] = True
+            if self._known.all():
+                self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, boxes=self.boxes, embeddings=self.embeddings)
+        atomic_write(self.path, write)
 
 
 class RowConditioner:
-    """An IDConditioner over the fixed images of a training bank: the rows' face boxes and phi_cond embeddings are
-    computed once per bank (``bank_faces``; both are frozen functions of a fixed image), so a training step runs
-    only the image encoder, on its device. The detector and phi_cond run on the CPU through onnxruntime: 7% of a
-    2-core Stage 1 step, and most of a GPU step."""
+    """An IDConditioner over the fixed images of a training bank: a row's face box and phi_cond embedding are computed
+    once (``BankFaces``; both are frozen functions of a fixed image), so a training step runs only the image encoder,
+    on its device. The detector and phi_cond run on the CPU through onnxruntime: 6% of a 2-core Stage 1 step, and
+    most of a GPU step."""
 
-    def __init__(self, conditioner: IDConditioner, images: np.ndarray, progress: bool = False):
+    def __init__(self, conditioner: IDConditioner, images: np.ndarray):
         self.conditioner, self.images = conditioner, images  # images: (N, H, W, 3) uint8
-        self.boxes, self.embeddings = bank_faces(images, conditioner.faces, progress)  # (N, 3), (N, D)
+        self.faces = BankFaces(images, conditioner.faces)
 
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rows = np.asarray(rows)
-        return self.conditioner.encode(self.images[rows], self.boxes[rows], self.embeddings[rows])
+        boxes, embeddings = self.faces.rows(rows)
+        return self.conditioner.encode(self.images[rows], boxes, embeddings)
 
 
 def embedding_dim_and_channels(models_dir: Path | None = None) -> tuple[int, tuple[int, ...]]:

@@ -37,7 +37,7 @@ def learning_curve(exp: Experiment, milestones: list[int], stages_dir: Path, mod
         parent = train_chain(replace(exp, stage=exp.stage - 1), stages_dir, models_dir, base, base.device, progress)
     bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
     trainer = PuLIDTrainer(exp.stage_training(exp.stage), bank, dirs[-1], models_dir, base=base, init_adapter=parent,
-                           device=base.device, progress=progress)
+                           device=base.device)
     evaluator = Evaluator(models_dir, base.device)
     n_ids = exp.eval_ids or exp.budget.eval_ids
     tests, own = test_set(n_ids, split=exp.eval_split), reconstruction_set(n_ids, exp.eval_split)

@@ -225,8 +225,7 @@ def train_chain(exp: Experiment, stages_dir: Path, models_dir: Path | None = Non
             if not (folder / "adapter.safetensors").exists() and not (pretrained and _take_shipped(folder, models_dir)):
                 if bank is None:
                     bank = render_bank(world.TRAIN_IDS, exp.budget.bank_variants, seed=0, progress=progress)
-                trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=parent_dir, device=device,
-                                       progress=progress)
+                trainer = PuLIDTrainer(cfg, bank, folder, models_dir, base=base, init_adapter=parent_dir, device=device)
                 trainer.fit(resume=True, progress=progress)
         parent_dir = folder
     return parent_dir

@@ -138,8 +138,7 @@ class PuLIDTrainer:
     """Holds the frozen models and the adapter; ``fit`` runs (or resumes) one stage."""
 
     def __init__(self, cfg: PuLIDTraining, bank: Bank, out: Path, models_dir: Path | None = None,
-                 base: OriginalModel | None = None, init_adapter: Path | None = None, device=None,
-                 progress: bool = False):
+                 base: OriginalModel | None = None, init_adapter: Path | None = None, device=None):
         self.cfg, self.bank, self.out = cfg, bank, Path(out)
         self.device = default_device(device)
         self.base = (base or load_base(models_dir)).to(self.device).eval().requires_grad_(False)
@@ -150,8 +149,7 @@ class PuLIDTrainer:
         self.adapter = PuLIDAdapter(self.base.unet, enc, cfg.settings, cfg.reference_view).to(self.device)
         if init_adapter is not None:  # stage n starts from stage n-1
             self.adapter.load_state_dict(load_adapter_state(init_adapter))
-        self.conditioner = RowConditioner(IDConditioner(models_dir, cfg.reference_view, self.device), bank.images,
-                                          progress)
+        self.conditioner = RowConditioner(IDConditioner(models_dir, cfg.reference_view, self.device), bank.images)
         self.phi = checkpoints.load_model("phi_loss", models_dir, self.device).requires_grad_(False)
         self.detector = checkpoints.load_model("detector", models_dir, self.device).requires_grad_(False)
         self.scheduler = training_scheduler()
