@@ -96,8 +96,10 @@ def test_a_grid_on_a_dask_cluster_records_failures_and_reports(tmp_path):
     assert (out / "runs" / "broken" / "notebook.ipynb").exists()  # the partial notebook is kept
     rows = read_results(out)
     assert sorted(r["face_sim"] for r in rows) == [0.25, 0.75]
-    assert all(json.loads((out / "runs" / r["config"] / "result.json").read_text())["grid_params"]["value"] == r["value"]
-               for r in rows)
+    results = [json.loads((out / "runs" / r["config"] / "result.json").read_text()) for r in rows]
+    assert [res["grid_params"]["value"] for res in results] == [r["value"] for r in rows]
+    # Dask's nanny gives its workers MALLOC_TRIM_THRESHOLD_ (a training kernel then ran 3x slower): the kernels lack it
+    assert [res["malloc_trim_threshold"] for res in results] == [None, None]
     rep = report(out)
     assert Path(rep["figure"]).stat().st_size > 1000 and "value" in rep["markdown"]
 
