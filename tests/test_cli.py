@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -140,3 +141,18 @@ def test_a_full_disk_is_one_sentence_and_leaves_no_tmp_file(tmp_path, monkeypatc
     with pytest.raises(OSError, match="could not write .*a.json \\(No space left on device\\): free disk space"):
         write_json(tmp_path / "a.json", {"x": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_write_removes_the_tmp_file_of_a_writer_killed_mid_write(tmp_path):
+    import subprocess
+    import sys
+
+    from pulid_lab.core.files import write_json
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.json.{int(dead.stdout)}.tmp"  # what kill -9 between write and rename leaves
+    live = tmp_path / f".a.json.{os.getppid()}.tmp"  # a writer still running (our parent): kept
+    other = tmp_path / f".b.json.{int(dead.stdout)}.tmp"  # another file's: not ours to touch
+    for f in (stale, live, other):
+        f.write_text("half")
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", live.name, other.name])

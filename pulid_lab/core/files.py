@@ -27,6 +27,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     full disk) removes its tmp file and says so in one sentence; what was finished before stays on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers of one file never share it
     try:
         write(tmp)
@@ -36,6 +37,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise OSError(e.errno, f"could not write {path} ({e.strerror or e}): free disk space (or fix permissions) and "
                                "rerun the same command; finished work is kept") from None
     return path
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Remove the tmp files of ``path`` left by writers that died mid-write (kill -9: no handler runs)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
