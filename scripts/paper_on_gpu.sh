@@ -45,6 +45,6 @@ done_seeds=0
 while [ -e "$run/trained_stage3_seed$done_seeds" ] && [ -e "$run/trained_naive_seed$done_seeds" ]; do
   done_seeds=$((done_seeds + 1))
 done
-if [ "$done_seeds" -eq 0 ]; then tail -n 20 "$run"/train_seed*.log; echo "no seed finished training"; exit 1; fi
+if [ "$done_seeds" -eq 0 ]; then tail -n 20 "$run"/train_*_seed*.log; echo "no seed finished training"; exit 1; fi
 $py -m pulid_lab.cli reproduce --profile "$profile" --seeds "$done_seeds" --out "$run" 2>&1 | tee "$run/reproduce.log"
 stamp "evaluation of $done_seeds seeds"

@@ -227,8 +227,6 @@ class BankFaces:
                 self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
         def write(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, boxes=self.boxes, embeddings=self.embeddings)
@@ -242,13 +240,13 @@ class RowConditioner:
     most of a GPU step."""
 
     def __init__(self, conditioner: IDConditioner, images: np.ndarray):
-        self.conditioner, self.images = conditioner, images  # images: (N, H, W, 3) uint8
-        self.faces = BankFaces(images, conditioner.faces)
+        self.conditioner = conditioner
+        self.faces = BankFaces(images, conditioner.faces)  # holds the images (N, H, W, 3) uint8
 
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rows = np.asarray(rows)
         boxes, embeddings = self.faces.rows(rows)
-        return self.conditioner.encode(self.images[rows], boxes, embeddings)
+        return self.conditioner.encode(self.faces.images[rows], boxes, embeddings)
 
 
 def embedding_dim_and_channels(models_dir: Path | None = None) -> tuple[int, tuple[int, ...]]:
