@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A screen on one GPU: every line of SCREEN_FILE is one `pulid-lab curve` run (validation split, new prompts and
+# own captions), all lines at once, one process each.
+#   scripts/screen_on_gpu.sh SCREEN_FILE [TRAIN_SECONDS]     (default 3600)
+# A line:  NAME  MILESTONES  NAME=VALUE ...   e.g.  `other_1200  300,600,1200  stage=2 id_source=other stage2_steps=1200`
+# ('#' starts a comment). Each curve's JSON is rewritten after every milestone, so a line stopped at TRAIN_SECONDS
+# still reports the milestones it reached. Stages are shared between lines through $RUN/stages (a Stage 1 two lines
+# need is trained once; stages that ship with the models are reused). With PACK set to a folder, the curves, logs and
+# finished adapters are packed there afterwards (scripts/pack_stages.py). THREADS: torch threads per process (2).
+set -uo pipefail
+file="$1"; budget="${2:-3600}"
+py="${PYTHON:-python3}"
+run="${RUN:-runs/screen-gpu}"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+mkdir -p "$run"
+t0=$(date +%s)
+stamp() { echo "$1 $(( $(date +%s) - t0 )) s" | tee -a "$run/timings.txt"; }
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+lines=$(grep -v '^\s*#' "$file" | grep -v '^\s*$')
+# every profile's training bank and faces, and the validation renders, once, before the processes read the caches
+profiles=$(echo "$lines" | grep -o 'profile=[a-z]*' | sort -u | cut -d= -f2); profiles=${profiles:-quick}
+for p in $profiles; do
+  $py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
+from pulid_lab.models.identity import BankFaces, FaceAnalysis; from pulid_lab.train.evaluate import test_set, reconstruction_set; \
+bank = data.render_bank(w.TRAIN_IDS, P['$p'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1}); \
+BankFaces(bank.images, FaceAnalysis()).all(); test_set(P['$p'].eval_ids, split='validation'); \
+reconstruction_set(P['$p'].eval_ids, 'validation')" || { echo "the bank, its faces or the validation set failed"; exit 1; }
+done
+stamp "banks, faces and validation renders"
+while read -r name milestones sets; do
+  OMP_NUM_THREADS="${THREADS:-2}" timeout "$budget" $py -m pulid_lab.cli curve --set $sets \
+    --milestones ${milestones//,/ } --stages "$run/stages" --out "$run/$name.json" > "$run/$name.log" 2>&1 &
+done <<< "$lines"
+wait
+stamp "curves"
+for f in "$run"/*.log; do echo "== $f"; tail -n 8 "$f"; done
+if [ -n "${PACK:-}" ]; then $py scripts/pack_stages.py "$run" "$PACK"; fi
