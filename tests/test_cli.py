@@ -55,6 +55,7 @@ def test_curve_evaluates_the_last_stage_at_each_milestone(smoke_models, tmp_path
     saved = json.loads(out.read_text())
     assert [p["step"] for p in saved["points"]] == [1, 3]
     assert saved["experiment"]["eval_split"] == "validation" and "recognized" in saved["points"][1]["reconstruction"]
+    assert saved["device"] == "cpu"  # where it trained, recorded
     assert len(list((tmp_path / "stages").glob("stage2-*/adapter.safetensors"))) == 1  # the finished stage is kept
     assert "recognized" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="milestones must lie in 1..3"):
@@ -156,3 +157,29 @@ def test_the_next_write_removes_the_tmp_file_of_a_writer_killed_mid_write(tmp_pa
         f.write_text("half")
     write_json(tmp_path / "a.json", {"x": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", live.name, other.name])
+
+
+class _MovedTo(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv", [
+    ["curve", "--set", "profile=smoke", "stage=2", "--milestones", "1", "--stages", "stages", "--out", "c.json"],
+    ["reproduce", "--profile", "smoke", "--out", "run"],
+    ["evaluate", "x", "--ids", "1"],
+])
+def test_without_device_the_original_model_goes_to_cuda_when_available(argv, smoke_models, tmp_path, monkeypatch):
+    """No --device means CUDA when available: a `curve` once trained on the CPU of a GPU machine because the model
+    was loaded without a device (and its trainer followed the model). CUDA is faked; the move is caught, not made."""
+    import torch
+
+    from pulid_lab.models.base import OriginalModel
+    models, _ = smoke_models
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def caught(self, device=None, *args, **kwargs):
+        raise _MovedTo(str(device))
+    monkeypatch.setattr(OriginalModel, "to", caught)
+    with pytest.raises(_MovedTo, match="^cuda$"):
+        main(argv + ["--models", str(models)])

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from diffusers import UNet2DConditionModel
 
+from ..core.device import default_device
 from ..core.sampling import ModelFn, lightning_sample, sample
 from ..world import vocab
 from . import text
@@ -168,7 +169,8 @@ def save_base(folder: Path, model: OriginalModel, stats: dict, profile: str, tra
 
 
 def load_base(folder: Path | None = None, device=None) -> OriginalModel:
-    """The shipped (or ``folder``'s) original model, every file checked against the manifest."""
+    """The shipped (or ``folder``'s) original model, every file checked against the manifest, on ``device``
+    (default: CUDA when available, else CPU: what every caller that passes no device expects)."""
     from . import checkpoints
     folder = Path(folder) if folder is not None else checkpoints.default_models_dir()
     manifest = checkpoints.read_manifest(folder)
@@ -180,4 +182,4 @@ def load_base(folder: Path | None = None, device=None) -> OriginalModel:
             checkpoints.verified_file(name, folder)
     cfg = base_config_from_dict(manifest["base"]["config"])
     model = OriginalModel.load(folder / BASE_SUBDIR, cfg)
-    return model.to(device) if device is not None else model
+    return model.to(default_device(device))

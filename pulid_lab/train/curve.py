@@ -53,6 +53,7 @@ def learning_curve(exp: Experiment, milestones: list[int], stages_dir: Path, mod
                        **{k: v for k, v in new.items() if k != "rows"},
                        "reconstruction": {k: v for k, v in rec.items() if k != "rows"}})
         if out is not None:
-            write_json(out, {"experiment": exp.__dict__, "adapter": str(dirs[-1]), "points": points})
+            write_json(out, {"experiment": exp.__dict__, "adapter": str(dirs[-1]), "device": str(base.device),
+                             "points": points})
     return points
 
