@@ -57,6 +57,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def write_npz(path: str | Path, **arrays) -> Path:
+    """``np.savez`` of ``arrays`` through ``atomic_write`` (the file keeps its name: no ``.npz`` is appended)."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return atomic_write(path, write)
+
+
 def write_json(path: str | Path, obj, **dumps_kwargs) -> Path:
     """Write JSON atomically (tmp file + rename)."""
     text = json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n"

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..core.adapter import VIEWS
-from ..core.files import atomic_write
+from ..core.files import atomic_write, write_npz
 from ..core.imaging import align_faces, to_tensor, to_uint8
 from ..world import faceless
 from ..world import toyfaces as world
@@ -227,10 +227,7 @@ class BankFaces:
                 self._save()
 
     def _save(self) -> None:
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, boxes=self.boxes, embeddings=self.embeddings)
-        atomic_write(self.path, write)
+        write_npz(self.path, boxes=self.boxes, embeddings=self.embeddings)
 
 
 class RowConditioner:

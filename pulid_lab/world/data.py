@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write
+from ..core.files import write_npz
 from ..core.imaging import to_tensor, to_uint8
 from . import toyfaces as world
 from . import vocab
@@ -75,12 +75,8 @@ def render_bank(ids, variants: int, seed: int, old_prob: float = 0.15, cache: bo
     images, boxes = [r[0] for r in rendered], [r[1] for r in rendered]
     bank = Bank(np.concatenate(images), all_ids, labels, np.concatenate(boxes), seeds)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, images=bank.images, ids=bank.ids, boxes=bank.boxes, seeds=bank.seeds,
-                         **{f"label_{k}": v for k, v in labels.items()})
-        atomic_write(path, write)
+        write_npz(path, images=bank.images, ids=bank.ids, boxes=bank.boxes, seeds=bank.seeds,
+                  **{f"label_{k}": v for k, v in labels.items()})
     return bank
 
 
