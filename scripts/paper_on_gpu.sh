@@ -7,7 +7,7 @@
 #    for the same Stage 1), each stage checkpointed (a rerun resumes); stopped after TRAIN_SECONDS;
 # 4. `pulid-lab reproduce` over the seeds whose stages all finished: it only evaluates, and draws the figures.
 # Output in ${RUN:-runs/reproduce-$PROFILE} (figures in its figures/), timings in timings.txt there; BANK_WORKERS
-# processes render the bank (default 1). Measured times: docs/profiles.md#measured-times.
+# processes render the bank and compute its faces (default 1). Measured times: docs/profiles.md#measured-times.
 set -uo pipefail
 profile="${1:-paper}"; seeds="${2:-3}"; budget="${3:-3600}"
 py="${PYTHON:-python3}"
@@ -26,7 +26,7 @@ fi
 $py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
 from pulid_lab.models.identity import BankFaces, FaceAnalysis; \
 bank = data.render_bank(w.TRAIN_IDS, P['$profile'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1}); \
-BankFaces(bank.images, FaceAnalysis()).all()" || { echo "the bank or its faces failed"; exit 1; }
+BankFaces(bank.images, FaceAnalysis()).all(workers=${BANK_WORKERS:-1})" || { echo "the bank or its faces failed"; exit 1; }
 stamp "bank and faces"
 for s in $(seq 0 $((seeds - 1))); do
   for row in stage3 naive; do

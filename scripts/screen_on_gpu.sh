@@ -28,7 +28,7 @@ for p in $profiles; do
   $py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
 from pulid_lab.models.identity import BankFaces, FaceAnalysis; from pulid_lab.train.evaluate import test_set, reconstruction_set; \
 bank = data.render_bank(w.TRAIN_IDS, P['$p'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1}); \
-BankFaces(bank.images, FaceAnalysis()).all(); test_set(P['$p'].eval_ids, split='validation'); \
+BankFaces(bank.images, FaceAnalysis()).all(workers=${BANK_WORKERS:-1}); test_set(P['$p'].eval_ids, split='validation'); \
 reconstruction_set(P['$p'].eval_ids, 'validation')" || { echo "the bank, its faces or the validation set failed"; exit 1; }
 done
 stamp "banks, faces and validation renders"

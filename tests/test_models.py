@@ -125,6 +125,21 @@ def test_a_banks_faces_are_computed_once_and_a_rows_conditioning_does_not_depend
     assert np.array_equal(again[0], rows.faces.boxes) and np.array_equal(again[1], rows.faces.embeddings)
 
 
+def test_a_banks_faces_computed_in_worker_processes_are_the_same_faces(monkeypatch, tmp_path):
+    monkeypatch.setenv("PULID_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(identity, "FACES_CHUNK", 4)
+    n = 22  # six chunks, the last one short
+    images = world.render(np.arange(n), world.sample_attributes(np.random.default_rng(2), n), np.arange(n)).images
+    here = identity.BankFaces(images, FaceAnalysis())
+    here.rows(np.arange(n))
+    (cached,) = tmp_path.glob("faces-*.npz")
+    cached.unlink()
+    boxes, emb = identity.BankFaces(images, FaceAnalysis()).all(workers=2)
+    np.testing.assert_allclose(boxes, here.boxes, atol=1e-5)
+    np.testing.assert_allclose(emb, here.embeddings, atol=1e-4)
+    assert (np.linalg.norm(emb, axis=1) > 0).all() and cached.exists()  # every row filled, and cached again
+
+
 def test_shipped_models_meet_the_thresholds_on_a_small_sample():
     out = check_models(variants=3, n_pairs=1500, n_ids=120)
     assert out["profile"] == "paper"
