@@ -212,8 +212,8 @@ class BankFaces:
 
     def all(self, progress: bool = False, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Every row's (boxes, embeddings), computed now where missing (and written to the disk cache); with
-        ``workers`` > 1 in that many processes of one thread each (a 16-core machine: 14 workers, 10x faster; a
-        row's last bits may then differ from one computed with another thread count, which the cache makes moot)."""
+        ``workers`` > 1 in that many processes of one thread each (for a machine with many cores; a row's last bits
+        may then differ from one computed with another thread count, which the cache makes moot)."""
         from tqdm.auto import tqdm
         missing = np.flatnonzero(~self._known)
         bar = dict(desc=f"faces of {len(self.images)} renders", leave=False, disable=not progress or not len(missing))
