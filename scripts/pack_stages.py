@@ -17,15 +17,10 @@ KEEP = ("adapter.safetensors", "manifest.json", "losses.csv")
 
 
 def stage_order(run: Path) -> list[Path]:
-    """Finished stage folders: those named by the curves first (in file order), then the rest."""
-    finished = {p.parent for p in (run / "stages").glob("*/adapter.safetensors")}
-    named = []
-    for curve in sorted(run.glob("*.json")):
-        adapter = json.loads(curve.read_text()).get("adapter")
-        if adapter and Path(adapter).resolve() in {f.resolve() for f in finished}:
-            named.append(Path(adapter))
-    order = [f for f in finished if any(f.resolve() == n.resolve() for n in named)]
-    return order + sorted(finished - set(order))
+    """Finished stage folders: those named by the curves first (in the curves' file order), then the rest."""
+    finished = sorted(p.parent.resolve() for p in (run / "stages").glob("*/adapter.safetensors"))
+    named = [Path(a).resolve() for c in sorted(run.glob("*.json")) if (a := json.loads(c.read_text()).get("adapter"))]
+    return list(dict.fromkeys([f for f in named if f in finished] + finished))
 
 
 def main() -> None:
