@@ -10,23 +10,15 @@
 # processes render the bank and compute its faces (default 1). Measured times: docs/profiles.md#measured-times.
 set -uo pipefail
 profile="${1:-paper}"; seeds="${2:-3}"; budget="${3:-3600}"
-py="${PYTHON:-python3}"
 run="${RUN:-runs/reproduce-$profile}"
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-mkdir -p "$run"
-t0=$(date +%s)
-stamp() { echo "$1 $(( $(date +%s) - t0 )) s" | tee -a "$run/timings.txt"; }
+source "$(dirname "$0")/gpu_common.sh"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 if [ "${SMOKE:-1}" = 1 ]; then
   $py -m pulid_lab.cli reproduce --profile smoke --seeds 1 --out "$run-smoke" > "$run/smoke.log" 2>&1 \
     || { tail -n 40 "$run/smoke.log"; echo "smoke reproduction failed: see $run/smoke.log"; exit 1; }
   stamp "smoke reproduction"
 fi
-# the training bank and its faces once, before the seeds' processes read them from the cache
-$py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
-from pulid_lab.models.identity import BankFaces, FaceAnalysis; \
-bank = data.render_bank(w.TRAIN_IDS, P['$profile'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1}); \
-BankFaces(bank.images, FaceAnalysis()).all(workers=${BANK_WORKERS:-1})" || { echo "the bank or its faces failed"; exit 1; }
+prepare_bank "$profile"
 stamp "bank and faces"
 for s in $(seq 0 $((seeds - 1))); do
   for row in stage3 naive; do

@@ -11,27 +11,16 @@
 # (a check of the script itself); otherwise it stops at once when torch sees no CUDA device.
 set -uo pipefail
 file="$1"; budget="${2:-3600}"
-py="${PYTHON:-python3}"
 run="${RUN:-runs/screen-gpu}"
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-mkdir -p "$run"
-t0=$(date +%s)
-stamp() { echo "$1 $(( $(date +%s) - t0 )) s" | tee -a "$run/timings.txt"; }
+source "$(dirname "$0")/gpu_common.sh"
 pack() { if [ -n "${PACK:-}" ]; then $py scripts/pack_stages.py "$run" "$PACK"; fi; }
 $py -c "import sys, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available()); \
 sys.exit(0 if torch.cuda.is_available() or '${REQUIRE_CUDA:-1}' == '0' else 3)" \
   || { echo "torch sees no CUDA device (REQUIRE_CUDA=0 to run anyway)"; exit 1; }
 lines=$(grep -v '^\s*#' "$file" | grep -v '^\s*$')
-# every profile's training bank and faces, and the validation renders, once, before the processes read the caches
-profiles=$(echo "$lines" | grep -o 'profile=[a-z]*' | sort -u | cut -d= -f2); profiles=${profiles:-quick}
-for p in $profiles; do
-  $py -c "from pulid_lab.train.config import REPRODUCE_PROFILES as P; from pulid_lab.world import data, toyfaces as w; \
-from pulid_lab.models.identity import BankFaces, FaceAnalysis; from pulid_lab.train.evaluate import test_set, reconstruction_set; \
-bank = data.render_bank(w.TRAIN_IDS, P['$p'].bank_variants, seed=0, progress=False, workers=${BANK_WORKERS:-1}); \
-BankFaces(bank.images, FaceAnalysis()).all(workers=${BANK_WORKERS:-1}); test_set(P['$p'].eval_ids, split='validation'); \
-reconstruction_set(P['$p'].eval_ids, 'validation')" || { echo "the bank, its faces or the validation set failed"; exit 1; }
-done
-stamp "banks, faces and validation renders"
+profiles=$(echo "$lines" | grep -o 'profile=[a-z]*' | sort -u | cut -d= -f2)
+for p in ${profiles:-quick}; do prepare_bank "$p"; done
+stamp "banks and faces"
 left=$(( budget - ($(date +%s) - t0) - ${RESERVE:-60} ))
 if [ "$left" -lt 30 ]; then echo "no time left for the curves ($left s)"; pack; exit 1; fi
 echo "curves: $left s"
