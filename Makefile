@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 # the main job: Table 2 of the paper in the mini world (quick profile, 1 seed), from the trained stages that ship with
-# the models (add --train to retrain them, about 1.5 h on 2 cores); its measured time is in the README;
+# the models (add --train to retrain them, about 1.6 h on 2 cores); its measured time is in the README;
 # the full one: `$(BIN)/pulid-lab reproduce --profile paper --seeds 3 --out runs/reproduce-paper --figures figures/paper`
 demo: $(STAMP)
 	$(BIN)/pulid-lab world --out figures/toyfaces.png
