@@ -129,9 +129,11 @@ def _expand(path: Path, spec: dict, fixed: dict) -> dict[str, dict]:
 
 # -- running -----------------------------------------------------------------------------------------------
 
-def valid_result(folder: Path, params: dict) -> dict | None:
+def valid_result(folder: Path, params: dict, stages_dir: Path | None = None) -> dict | None:
     """The config's result.json if it is complete and the runner recorded it as made with these parameters (a
-    result without the runner's ``grid_params``, e.g. the notebook's own write before a kill, is not done)."""
+    result without the runner's ``grid_params``, e.g. the notebook's own write before a kill, is not done). With
+    ``stages_dir``, a result is also not done when its adapter is not the one the same parameters give now: same
+    ``--set``, but a profile's budgets, a default or the models changed since (the stage key differs)."""
     try:
         result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
@@ -140,7 +142,19 @@ def valid_result(folder: Path, params: dict) -> dict | None:
         return None
     if result.get("grid_params") != params:
         return None
+    if stages_dir is not None and "adapter" in result and "params" in result:
+        if Path(result["adapter"]).name != _adapter_now(result["params"], stages_dir, params.get("models_dir")):
+            return None
     return result
+
+
+def _adapter_now(experiment_params: dict, stages_dir: Path, models_dir: str | None) -> str | None:
+    """The folder name (``stage<k>-<key>``) of the adapter an experiment with these parameters trains today."""
+    from .train.experiment import Experiment, stage_dirs
+    try:
+        return stage_dirs(Experiment(**experiment_params), stages_dir, models_dir)[-1].name
+    except (TypeError, ValueError):  # parameters of an older Experiment: its result is stale
+        return None
 
 
 def run_config(notebook: str, folder: str, params: dict, threads: int | None = None) -> dict:
@@ -165,10 +179,10 @@ def run_config(notebook: str, folder: str, params: dict, threads: int | None = N
 
 
 def write_results_csv(out: Path, grid: Grid) -> Path:
-    """Every valid result with its parameters, one row per config."""
-    rows = []
+    """Every valid result with its parameters, one row per config (a stale one, see ``valid_result``, left out)."""
+    rows, stages = [], (out / "stages").resolve()
     for name, params in grid.configs.items():
-        r = valid_result(out / "runs" / name, params)
+        r = valid_result(out / "runs" / name, params, stages)
         if r is not None:
             own = r.get("reconstruction") or {}
             rows.append({"config": name, **{k: v for k, v in params.items()},
@@ -184,7 +198,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, scheduler: str | Non
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     stages = str((out / "stages").resolve())
-    todo = {n: p for n, p in grid.configs.items() if valid_result(out / "runs" / n, p) is None}
+    todo = {n: p for n, p in grid.configs.items() if valid_result(out / "runs" / n, p, stages) is None}
     skipped = len(grid.configs) - len(todo)
     failures_path = out / "failures.json"
     failures = {}

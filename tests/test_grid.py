@@ -124,3 +124,25 @@ def test_a_cell_is_done_only_when_the_runner_recorded_the_same_parameters(tmp_pa
     (tmp_path / "result.json").write_text(json.dumps({**metrics, "grid_params": {"lambda_sem": 0.6}}))
     assert valid_result(tmp_path, {"lambda_sem": 0.6})["face_sim"] == 0.5
     assert valid_result(tmp_path, {"lambda_sem": 0.3}) is None  # another --set: rerun, never relabel
+
+
+def test_a_cell_whose_adapter_the_same_parameters_no_longer_train_is_not_done(tmp_path):
+    """A profile's budget changed after the grid ran (same --set, another stage key): the cell runs again."""
+    from dataclasses import asdict
+
+    from pulid_lab.grid import valid_result
+    from pulid_lab.train.experiment import Experiment, stage_dirs
+    exp = Experiment(profile="quick", stage=3, lambda_sem=0.0)
+    now = stage_dirs(exp, tmp_path / "stages")[-1]
+    result = {"face_sim": 0.5, "recognized": 0.2, "prompt_score": 0.9, "purity": 0.95, "params": asdict(exp),
+              "grid_params": {"lambda_sem": 0.0}}
+    (tmp_path / "result.json").write_text(json.dumps({**result, "adapter": str(now)}))
+    assert valid_result(tmp_path, {"lambda_sem": 0.0}, tmp_path / "stages")["face_sim"] == 0.5
+    older = stage_dirs(Experiment(profile="quick", stage=3, lambda_sem=0.0, stage2_steps=600), tmp_path / "stages")[-1]
+    assert older.name != now.name
+    (tmp_path / "result.json").write_text(json.dumps({**result, "adapter": str(older)}))
+    assert valid_result(tmp_path, {"lambda_sem": 0.0}, tmp_path / "stages") is None
+    assert valid_result(tmp_path, {"lambda_sem": 0.0})["face_sim"] == 0.5  # without a stages folder: parameters only
+    (tmp_path / "result.json").write_text(json.dumps({**result, "adapter": str(now), "params": {"renamed": 1}}))
+    assert valid_result(tmp_path, {"lambda_sem": 0.0}, tmp_path / "stages") is None
+
