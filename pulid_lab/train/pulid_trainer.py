@@ -61,7 +61,8 @@ class PuLIDTraining:
     # alignment weights: a quarter of the paper's 0.6 / 0.1. With alignment at every Lightning step (below) the paper's
     # weights erased two thirds of the identity Stage 2 had gained (validation, quick: Face Sim 0.514 -> 0.358); of
     # 1, 1/4 and 1/8 of them, lesson 05's rule (prompt score within 0.03 of the best, then the highest Face Sim)
-    # picked 1/4 (docs/results.md, 2026-12-03)
+    # picked 1/4 (docs/results.md, 2026-12-03); on the 1,200-step Stage 2 no weight of the 3 x 3 grid beats it on
+    # validation in every metric: they trade identity for prompt score along one front (2026-12-04)
     lambda_sem: float = losses.LAMBDA_SEM / 4
     lambda_layout: float = losses.LAMBDA_LAYOUT / 4
     # weight of L_id: three times the paper's 1.0. Measured (quick, validation split, Stage 2 600 steps from the shipped
