@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .core.files import write_csv, write_json
 from .train.evaluate import METRICS
+from .train.experiment import Experiment, stage_dirs
 
 INJECTED = ("result_path", "stages_dir")  # parameters the runner sets for every config
 
@@ -150,11 +151,15 @@ def valid_result(folder: Path, params: dict, stages_dir: Path | None = None) -> 
 
 def _adapter_now(experiment_params: dict, stages_dir: Path, models_dir: str | None) -> str | None:
     """The folder name (``stage<k>-<key>``) of the adapter an experiment with these parameters trains today."""
-    from .train.experiment import Experiment, stage_dirs
     try:
         return stage_dirs(Experiment(**experiment_params), stages_dir, models_dir)[-1].name
     except (TypeError, ValueError):  # parameters of an older Experiment: its result is stale
         return None
+
+
+def stages_dir_of(out: Path) -> Path:
+    """Where a grid's cells train and share their stages: ``OUT/stages``."""
+    return (Path(out) / "stages").resolve()
 
 
 def run_config(notebook: str, folder: str, params: dict, threads: int | None = None) -> dict:
@@ -180,9 +185,9 @@ def run_config(notebook: str, folder: str, params: dict, threads: int | None = N
 
 def write_results_csv(out: Path, grid: Grid) -> Path:
     """Every valid result with its parameters, one row per config (a stale one, see ``valid_result``, left out)."""
-    rows, stages = [], (out / "stages").resolve()
+    rows = []
     for name, params in grid.configs.items():
-        r = valid_result(out / "runs" / name, params, stages)
+        r = valid_result(out / "runs" / name, params, stages_dir_of(out))
         if r is not None:
             own = r.get("reconstruction") or {}
             rows.append({"config": name, **{k: v for k, v in params.items()},
@@ -197,7 +202,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, scheduler: str | Non
     from dask.distributed import Client, LocalCluster, as_completed
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    stages = str((out / "stages").resolve())
+    stages = str(stages_dir_of(out))
     todo = {n: p for n, p in grid.configs.items() if valid_result(out / "runs" / n, p, stages) is None}
     skipped = len(grid.configs) - len(todo)
     failures_path = out / "failures.json"
