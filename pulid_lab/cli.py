@@ -138,9 +138,13 @@ def _grid_report(args):
 
 
 def _bench(args):
-    from .train.bench import run, stage_step_breakdown
+    from .train.bench import iteration_k4_over_k1, run, stage_step_breakdown
     if args.breakdown:
         report = {f"stage {s}": stage_step_breakdown(stage=s, models_dir=args.models) for s in (1, 2, 3)}
+        # the paper's s/iter at k = 4 vs k = 1, on whole training iterations of the stages with a Lightning branch
+        # (each as the mini trainer runs it, and with the per-step recomputation SDXL needs)
+        report["iteration_k4_over_k1"] = {f"stage {s}{', checkpointed' if ckpt else ''}": iteration_k4_over_k1(
+            s, args.models, lightning_checkpoint=ckpt) for s in (2, 3) for ckpt in (False, True)}
     else:
         report = run()
     print(json.dumps(report, indent=None if args.json else 2))

@@ -90,12 +90,28 @@ def _peak_kib():
     return _status("VmHWM:")
 
 
-def _in_subprocess(k, use_checkpoint, every_step=False):
-    code = (f"import json, torch; torch.manual_seed(0); from pulid_lab.train.bench import lightning_step; "
-            f"print(json.dumps(lightning_step({k}, {use_checkpoint}, every_step={every_step})))")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+def _reset_peak() -> bool:
+    """Reset the process's peak resident set (VmHWM) to its current size (Linux: /proc/self/clear_refs, '5')."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _json_from_subprocess(code: str, for_memory: bool = True) -> dict:
+    """Run ``code`` in a fresh interpreter; its last line's JSON. ``for_memory``: the allocator returns freed tensors
+    to the OS (every large allocation an mmap: right for peak memory, about twice as slow, so not for timing)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _in_subprocess(k, use_checkpoint, every_step=False):
+    return _json_from_subprocess(f"import json, torch; torch.manual_seed(0); from pulid_lab.train.bench import "
+                                 f"lightning_step; print(json.dumps(lightning_step({k}, {use_checkpoint}, "
+                                 f"every_step={every_step})))")
 
 
 def align_loss_fraction(batch=8) -> float:
@@ -196,11 +212,17 @@ def run() -> dict:
 
 
 def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int = 4, models_dir=None,
-                         batch: int = 16, lightning_batch: int = 8, align_batch: int = 4) -> dict:
+                         batch: int = 16, lightning_batch: int = 8, align_batch: int = 4, grad_steps: int = 1,
+                         lightning_checkpoint: bool = False) -> dict:
     """Where one PuLID training step of the shipped models spends its time (seconds per step, median over
     ``steps`` after one warm-up step): the frozen conditioning path, the diffusion branch's UNet forward, the
     Lightning branch's forward, the recognizers of L_id, the backward pass and the optimiser; plus the step's
-    floating-point work and the time this machine's matrix multiply would need for it."""
+    floating-point work and the time this machine's matrix multiply would need for it, and the growth of the
+    process's peak resident set during the last step (``peak_growth_mib``: only in a process started with
+    MALLOC_MMAP_THRESHOLD_ set, as ``iteration_k4_over_k1`` starts it -- otherwise glibc keeps freed tensors and the
+    figure reads near 0 -- and where /proc can reset the peak; else None).
+    ``grad_steps``: the Lightning steps backpropagated (k); ``lightning_checkpoint``: recompute each Lightning
+    step's activations in backward (SDXL's setting; the mini trainer's default keeps them)."""
     import tempfile
     from collections import defaultdict
 
@@ -212,7 +234,8 @@ def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int 
 
     bank = render_bank(world.TRAIN_IDS[:64], 4, seed=0, progress=False)
     cfg = T.PuLIDTraining(stage=stage, id_loss=id_loss, steps=steps + 1, batch=batch, lightning_batch=lightning_batch,
-                          align_batch=align_batch, checkpoint_every=10_000)
+                          align_batch=align_batch, grad_steps=grad_steps,
+                          lightning_checkpoint=lightning_checkpoint, checkpoint_every=10_000)
     timers: dict[str, float] = defaultdict(float)
 
     def timed(name, fn):
@@ -232,10 +255,12 @@ def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int 
         T.losses.id_loss = timed("id_loss_forward", originals["id_loss"])
         tr.conditioner = timed("conditioning", condition.__call__)
         try:
-            per_step = []
+            per_step, peak_mib = [], None
             with tr.adapter.installed(tr.base.unet):
                 for step in range(steps + 1):
                     timers.clear()
+                    measure = step == steps and "MALLOC_MMAP_THRESHOLD_" in os.environ and _reset_peak()
+                    rss0 = _rss_kib()
                     t0 = time.perf_counter()
                     terms = tr.step_losses(step)
                     t1 = time.perf_counter()
@@ -246,6 +271,8 @@ def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int 
                     t3 = time.perf_counter()
                     per_step.append({**timers, "other_forward": t1 - t0 - sum(timers.values()), "backward": t2 - t1,
                                      "optimiser": t3 - t2, "total": t3 - t0})
+                    if measure:
+                        peak_mib = (_peak_kib() - rss0) / 1024
                 with FlopCounterMode(display=False) as counter:
                     terms = tr.step_losses(steps + 1)
                     terms["total"].backward()
@@ -257,8 +284,33 @@ def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int 
     a = torch.randn(2048, 2048)
     matmul = _timeit(lambda: a @ a, repeat=5)
     rate = 2 * 2048 ** 3 / matmul  # FLOP/s of this machine's sgemm
-    return {"stage": stage, "id_loss": id_loss, "seconds": {k: round(v, 4) for k, v in median.items()},
+    return {"stage": stage, "id_loss": id_loss, "grad_steps": grad_steps, "lightning_checkpoint": lightning_checkpoint,
+            "seconds": {k: round(v, 4) for k, v in median.items()},
             "fraction": {k: round(v / median["total"], 3) for k, v in median.items() if k != "total"},
             "gflop_per_step": round(flops / 1e9, 2), "sgemm_gflops": round(rate / 1e9, 1),
             "flop_limited_seconds": round(flops / rate, 4),
-            "flop_limited_fraction": round(flops / rate / median["total"], 3)}
+            "flop_limited_fraction": round(flops / rate / median["total"], 3),
+            "peak_growth_mib": None if peak_mib is None else round(peak_mib, 1)}
+
+
+def iteration_k4_over_k1(stage: int = 2, models_dir=None, steps: int = 4, lightning_checkpoint: bool = False,
+                         **batches) -> dict:
+    """The paper's s/iter figure in the mini world (SDXL: 2.6 s/iter at k = 1, 3.3 at k = 4, i.e. 1.27x; 41 vs 63 GB):
+    one whole training iteration of ``stage`` on the shipped models (conditioning, diffusion branch, Lightning
+    branch, recognizers, backward, optimiser) with the last 4 Lightning steps backpropagated over the last 1 --
+    time (median step, in a process with the usual allocator) and peak memory growth (one step, in a process whose
+    allocator returns freed memory), each k and each figure in a fresh subprocess. ``batches``: batch sizes, as in
+    ``stage_step_breakdown`` (default: the trainer's)."""
+    def measured(k, for_memory):
+        return _json_from_subprocess(
+            f"import json; from pulid_lab.train.bench import stage_step_breakdown; print(json.dumps("
+            f"stage_step_breakdown(stage={stage}, steps={1 if for_memory else steps}, models_dir="
+            f"{str(models_dir) if models_dir else None!r}, grad_steps={k}, lightning_checkpoint={lightning_checkpoint}, "
+            f"**{batches!r})))", for_memory)
+    seconds = {k: measured(k, False)["seconds"]["total"] for k in (1, 4)}
+    peak = {k: measured(k, True)["peak_growth_mib"] for k in (1, 4)}
+    memory = peak[4] / peak[1] if peak[1] and peak[4] is not None else None
+    return {"stage": stage, "lightning_checkpoint": lightning_checkpoint, "seconds_k1": seconds[1],
+            "seconds_k4": seconds[4], "time_k4_over_k1": round(seconds[4] / seconds[1], 3),
+            "peak_growth_mib_k1": peak[1], "peak_growth_mib_k4": peak[4],
+            "memory_k4_over_k1": None if memory is None else round(memory, 3)}
