@@ -90,6 +90,10 @@ def _peak_kib():
     return _status("VmHWM:")
 
 
+# the allocator setting under which a process's peak resident set measures live tensors (module docstring)
+MEMORY_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def _reset_peak() -> bool:
     """Reset the process's peak resident set (VmHWM) to its current size (Linux: /proc/self/clear_refs, '5')."""
     try:
@@ -103,7 +107,7 @@ def _reset_peak() -> bool:
 def _json_from_subprocess(code: str, for_memory: bool = True) -> dict:
     """Run ``code`` in a fresh interpreter; its last line's JSON. ``for_memory``: the allocator returns freed tensors
     to the OS (every large allocation an mmap: right for peak memory, about twice as slow, so not for timing)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
+    env = {**os.environ, **MEMORY_ALLOCATOR_ENV} if for_memory else dict(os.environ)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -259,7 +263,7 @@ def stage_step_breakdown(stage: int = 2, id_loss: str = "lightning", steps: int 
             with tr.adapter.installed(tr.base.unet):
                 for step in range(steps + 1):
                     timers.clear()
-                    measure = step == steps and "MALLOC_MMAP_THRESHOLD_" in os.environ and _reset_peak()
+                    measure = step == steps and MEMORY_ALLOCATOR_ENV.keys() <= os.environ.keys() and _reset_peak()
                     rss0 = _rss_kib()
                     t0 = time.perf_counter()
                     terms = tr.step_losses(step)
