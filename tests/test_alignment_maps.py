@@ -103,7 +103,8 @@ def tiny_paths():
 def test_two_paths_captures_every_layer_and_step_of_both_paths(tiny_paths):
     p = tiny_paths["with ID"]
     assert p.steps == [0, 1, 2, 3] and set(p.layers) == set(p.heads)
-    assert p.tokens[0][:5] == ["<bos>", "a", "portrait", ",", "comic"]
+    # the tokens in the order the text encoder saw them: captions are put in the vocabulary's order first
+    assert p.tokens[0][:9] == ["<bos>", "a", "portrait", ",", "green", "background", ",", "comic", "<eos>"]
     assert p.real_tokens(1) == [0, 1, 2, 3, 4, 5] and p.tokens[1][5] == "<eos>"
     assert set(p.cap_id.q) == set(p.cap_plain.q) and not any(q.requires_grad for q in p.cap_id.q.values())
     assert p.image_id.shape == (2, 3, 32, 32) and p.image_id.abs().max() <= 1
@@ -129,7 +130,7 @@ def test_token_maps_and_explorer_view(tiny_paths, kind):
     mean = A.mean_token_maps(p, "prompt only", kind=kind)
     assert mean.shape == (2, 32, 32, 32)
     view = A.explorer_view(p, layer, 2, 4, item=0, kind=kind)
-    assert view["token"] == "comic" and view["maps"]["with ID"].shape == (32, 32) and view["layout"].shape == (32, 32)
+    assert view["token"] == "green" and view["maps"]["with ID"].shape == (32, 32) and view["layout"].shape == (32, 32)
     assert np.allclose(view["difference"], view["maps"]["with ID"] - view["maps"]["prompt only"])
     assert view["semantic_difference"] > 0
     every = A.explorer_view(p, A.ALL, None, 4, item=1, kind=kind)
@@ -163,7 +164,7 @@ def test_attention_explorer_widget_updates_without_a_frontend(tiny_paths):
     from pulid_lab.lessons.widgets import attention_explorer
     box = attention_explorer({"a": tiny_paths["with ID"], "b": tiny_paths["scale 0"]})
     c = box.controls
-    assert box.result["token"] == "comic"
+    assert box.result["token"] == "green"
     for name in ("layer", "step"):  # every option of both dropdowns can be chosen (a layer's value is its name)
         for _, value in c[name].options:
             c[name].value = value
@@ -174,11 +175,11 @@ def test_attention_explorer_widget_updates_without_a_frontend(tiny_paths):
     assert not np.allclose(box.result["maps"]["with ID"], mean_map)
     c["layer"].value = c["layer"].options[0][1]
     c["step"].value = 3
-    c["token"].value = 6
-    assert box.result["token"] == "green"
+    c["token"].value = 7
+    assert box.result["token"] == "comic"
     c["adapter"].value = "b"
     assert np.abs(box.result["difference"]).max() < 1e-5
-    c["item"].value = 1  # the token list follows the example; token 6 is padding there, so it resets
+    c["item"].value = 1  # the token list follows the example; token 7 is padding there, so it resets
     assert box.result["prompt"] == "a portrait, sketch" and box.result["token"] == "sketch"
     assert [j for _, j in c["token"].options] == tiny_paths["scale 0"].real_tokens(1)
     plt.close("all")

@@ -39,6 +39,8 @@ def test_tokenizer_round_trip_and_vocabulary_error(tmp_path, tiny):
     tiny.save(tmp_path)
     tok2, enc2 = load_text(tmp_path)
     assert torch.equal(tokenize(tok2, ["a portrait, hat"]), tokenize(tok, ["a portrait, hat"]))
+    mask = tiny.token_mask(["a portrait, sketch, blue background, close-up", "a portrait, hat"])
+    assert mask.tolist()[0] == [True] * 11 + [False] * 21 and mask[1].sum() == 6  # <bos> ... <eos>, then padding
     loaded = OriginalModel.load(tmp_path, TINY)
     with torch.no_grad():
         assert torch.allclose(loaded.encode(["a portrait, hat"]), tiny.encode(["a portrait, hat"]), atol=2e-2)  # fp16 storage

@@ -50,6 +50,8 @@ def test_stage_keys_depend_only_on_the_knobs_a_stage_uses(smoke_models):
     assert chain(Experiment(profile="smoke", lambda_sem=0.6, face_weight=0.0, id_dropout=0.0)) == kb
     kg = chain(Experiment(profile="smoke", lambda_sem=0.6, align_every_step=False))
     assert kg[:2] == kb[:2] and kg[2] != kb[2]  # alignment at every Lightning step shapes Stage 3 only
+    km = chain(Experiment(profile="smoke", lambda_sem=0.6, align_token_mask=True))
+    assert km[:2] == kb[:2] and km[2] != kb[2]  # so does masking the padding out of L_align_sem
     from pulid_lab.train.experiment import STAGE3_ONLY
     old = chain(Experiment(profile="smoke", **STAGE3_ONLY))  # the Stage 3 defaults before alignment at every step
     assert old[:2] == kb[:2]  # Stage 3's defaults do not shape the keys of Stages 1 and 2

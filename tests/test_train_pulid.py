@@ -48,6 +48,24 @@ def test_each_stage_trains_only_the_adapter(smoke_models, bank, tmp_path, kw, te
     assert all(torch.allclose(v, tr.adapter.state_dict()[k], atol=1e-2) for k, v in loaded.state_dict().items())
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_stage3_masks_the_padding_out_of_the_semantic_term_only_when_asked(smoke_models, bank, tmp_path, monkeypatch,
+                                                                           masked):
+    from pulid_lab.core import losses
+    seen, real = [], losses.align_semantic_loss
+
+    def spy(cap_id, cap_plain, token_mask=None, reduction="sum"):
+        seen.append(token_mask)
+        return real(cap_id, cap_plain, token_mask, reduction)
+    monkeypatch.setattr(losses, "align_semantic_loss", spy)
+    trainer(smoke_models, bank, tmp_path, steps=1, stage=3, align_token_mask=masked).fit(progress=False)
+    (mask,) = seen
+    if not masked:
+        assert mask is None
+    else:  # (align_batch, 32): the short alignment prompts' own tokens, the rest padding
+        assert mask.shape == (SMALL["align_batch"], 32) and mask[:, 0].all() and not mask[:, -1].any()
+
+
 def test_resume_after_interruption_gives_the_same_weights(smoke_models, bank, tmp_path):
     full = trainer(smoke_models, bank, tmp_path / "full", steps=4)
     full.fit(progress=False)

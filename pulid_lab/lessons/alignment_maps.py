@@ -75,13 +75,12 @@ def two_paths(base, adapter, id_tokens: torch.Tensor, prompts: list[str], seeds:
     initial noise of ``seeds``; ``id_tokens`` (B, N_id, D) from ``adapter.tokens``."""
     from ..core.branches import lightning_branch
     from ..models.base import initial_noise
-    from ..models.text import tokenize
     dev = base.device
     x_T = initial_noise(len(prompts), list(seeds), dev)
     text = base.encode(list(prompts))
     with adapter.installed(base.unet):
         br = lightning_branch(base.unet, text, id_tokens.to(dev), x_T, id_scale=id_scale, with_plain=True, capture=True)
-    ids = tokenize(base.tokenizer, list(prompts))
+    ids = base.token_ids(list(prompts))  # in the order the text encoder saw them (base.encode)
     tokens = [base.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
     heads, scales = attention_layout(base.unet)
     return TwoPaths(list(prompts), tokens, br.image_id.clamp(-1, 1), br.image_plain.clamp(-1, 1), br.capture_id,

@@ -66,11 +66,17 @@ class OriginalModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """(B, 32) token ids, padded. Phrase order carries no meaning in ToyFaces captions; training captions come
+        in the vocabulary's order, so every caption is put in that order before the tokenizer sees it."""
+        return text.tokenize(self.tokenizer, [vocab.canonical(c) for c in captions], self.device)
+
     def encode(self, captions: list[str]) -> torch.Tensor:
-        # phrase order carries no meaning in ToyFaces captions; training captions come in the vocabulary's order,
-        # so every caption is put in that order before the tokenizer sees it
-        ids = text.tokenize(self.tokenizer, [vocab.canonical(c) for c in captions], self.device)
-        return self.text_encoder(ids).last_hidden_state  # (B, 32, text_hidden)
+        return self.text_encoder(self.token_ids(captions)).last_hidden_state  # (B, 32, text_hidden)
+
+    def token_mask(self, captions: list[str]) -> torch.Tensor:
+        """(B, 32) bool: True at the caption's own tokens (with <bos> and <eos>), False at the padding."""
+        return self.token_ids(captions) != self.tokenizer.pad_token_id
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, encoder_hidden_states=tokens).sample

@@ -48,6 +48,7 @@ class Experiment:
     # the mean 87% (4 Lightning ID samples per step) and 79% (8, the main job's run)
     align_reduction: str = _TRAINING.align_reduction
     align_every_step: bool = _TRAINING.align_every_step  # stage 3: alignment gradients at every Lightning step
+    align_token_mask: bool = _TRAINING.align_token_mask  # stage 3: L_align_sem over the caption's tokens, not padding
     lr: float = _TRAINING.lr  # every stage
     face_weight: float = _TRAINING.face_weight  # every stage: the face box weighs 1 + face_weight in L_diff
     id_dropout: float = _TRAINING.id_dropout  # every stage: unconditional ID tokens for this share of L_diff's samples
@@ -120,7 +121,7 @@ class Experiment:
             kw.update(id_loss=self.id_loss, grad_steps=self.grad_steps, lambda_id=self.lambda_id)
         if stage == 3:
             kw.update(lambda_sem=self.lambda_sem, lambda_layout=self.lambda_layout, align_reduction=self.align_reduction,
-                      align_every_step=self.align_every_step)
+                      align_every_step=self.align_every_step, align_token_mask=self.align_token_mask)
         asked = (self.stage1_steps, self.stage2_steps, self.stage3_steps)[stage - 1]
         kw["steps"] = asked or (b.stage1_steps, b.stage2_steps, b.stage3_steps)[stage - 1]
         return PuLIDTraining(**kw)
@@ -131,10 +132,11 @@ class Experiment:
 
 # Training options added after stages had been trained: at these values they change nothing, so they stay out of
 # the key and stages trained before the option existed keep their key (and are reused).
-KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0, "align_every_step": False}
+KEY_NEUTRAL = {"face_weight": 0.0, "id_dropout": 0.0, "align_every_step": False, "align_token_mask": False}
 # Knobs only Stage 3 uses: earlier stages are keyed with these fixed values (the defaults they had when the shipped
 # stages were trained), so a change of Stage 3's defaults leaves Stage 1's and Stage 2's keys as they were
-STAGE3_ONLY = {"lambda_sem": 0.6, "lambda_layout": 0.1, "align_reduction": "mean", "align_every_step": False}
+STAGE3_ONLY = {"lambda_sem": 0.6, "lambda_layout": 0.1, "align_reduction": "mean", "align_every_step": False,
+               "align_token_mask": False}
 # Knobs of the ID loss, which Stage 1 never computes: Stage 1 is keyed with these fixed values, so a change of
 # their defaults (lambda_id 1 -> 3 on 2026-12-04) leaves Stage 1's key as it was
 STAGE2_ON = {"lambda_id": 1.0, "id_loss": "lightning"}

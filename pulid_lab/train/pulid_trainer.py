@@ -80,6 +80,9 @@ class PuLIDTraining:
     # as the paper's sum over steps says; False: only through the last grad_steps steps (the earlier steps' captures
     # are then constants: with k = 1, Stage 3 hardly moved prompt score or purity). L_id stays on the last k steps
     align_every_step: bool = True
+    # stage 3: L_align_sem averages over the caption's own tokens only (<bos>, words, <eos>), not the padding that
+    # fills the 32 text positions (about 80% of them for the short alignment prompts); False: over all 32
+    align_token_mask: bool = False
     steps: int = 1000
     batch: int = 16  # diffusion branch
     lightning_batch: int = 8  # Lightning branch of the ID loss
@@ -203,7 +206,8 @@ class PuLIDTrainer:
             br = lightning_branch(self.base.unet, self.base.encode(prompts), tokens[:n], x_T, grad_steps=cfg.grad_steps,
                                   use_checkpoint=cfg.lightning_checkpoint, graph_every_step=cfg.align_every_step)
             red = cfg.align_reduction
-            out["align_sem"] = (losses.align_semantic_loss(br.capture_id, br.capture_plain, reduction=red)
+            mask = self.base.token_mask(prompts) if cfg.align_token_mask else None  # (n, 32) or all tokens
+            out["align_sem"] = (losses.align_semantic_loss(br.capture_id, br.capture_plain, mask, reduction=red)
                                 if cfg.lambda_sem else v_hat.sum() * 0)
             out["align_layout"] = (losses.align_layout_loss(br.capture_id, br.capture_plain, reduction=red)
                                    if cfg.lambda_layout else v_hat.sum() * 0)

@@ -33,7 +33,7 @@ PAPER = {  # the paper's Table 2 (docs/method.md): Face Sim / CLIP-T / CLIP-I on
 # the Experiment knobs a reproduction may change for every row (the rows themselves fix stage and id_loss; the
 # profile fixes budgets and the test set)
 OVERRIDABLE = ("id_source", "reference_view", "grad_steps", "lambda_id", "lambda_sem", "lambda_layout", "align_reduction",
-               "align_every_step", "lr", "face_weight", "id_dropout")
+               "align_every_step", "align_token_mask", "lr", "face_weight", "id_dropout")
 
 
 def row_experiment(row: str, profile: str, seed: int, **overrides) -> Experiment:
