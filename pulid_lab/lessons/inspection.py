@@ -152,10 +152,10 @@ def caption_heat_maps(base, caption: str, seed: int = 0, steps: int = LIGHTNING_
     """Sample ``caption`` with the Lightning sampler while capturing every attn2 layer's attention
     probabilities; per resolution, average each word token's probability map over heads, layers and steps.
     The caption is put in the vocabulary's phrase order first, as ``base.encode`` does (``TokenMaps.caption``)."""
-    from ..models.text import SPECIAL, tokenize
+    from ..models.text import SPECIAL
     caption = vocab.canonical(caption)
     text = base.encode([caption])
-    ids = tokenize(base.tokenizer, [caption])[0].tolist()
+    ids = base.token_ids([caption])[0].tolist()  # the ids base.encode read
     tokens = base.tokenizer.convert_ids_to_tokens(ids)
     capture = Capture(probs=True)
     with install(base.unet):
